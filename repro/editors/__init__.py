@@ -1,0 +1,18 @@
+"""Knowledge editors behind one interface: ``make_editor(name, lm, **overrides).apply(requests)``."""
+from __future__ import annotations
+
+from ..models import LoadedModel
+from .base import Editor, EditResult, load_hparams
+from .rome import ROME, RROME
+
+EDITORS: dict[str, type[Editor]] = {"rome": ROME, "r-rome": RROME}
+
+
+def make_editor(name: str, lm: LoadedModel, **overrides) -> Editor:
+    """An editor by name, with hyperparameters for ``lm`` from ``hparams/<name>.yaml`` + overrides."""
+    if name not in EDITORS:
+        raise ValueError(f"unknown editor {name!r}; known: {', '.join(sorted(EDITORS))}")
+    return EDITORS[name].from_name(lm, **overrides)
+
+
+__all__ = ["EDITORS", "Editor", "EditResult", "load_hparams", "make_editor"]

@@ -1,0 +1,85 @@
+"""The interface every editor shares, and hyperparameters loaded from YAML by editor and model."""
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Any, Protocol
+
+import torch
+import yaml
+
+from ..models import LoadedModel
+
+
+class Request(Protocol):
+    """What an editor needs of an edit (``repro.data.EditRequest`` satisfies it)."""
+
+    prompt: str  # with "{}" for the subject
+    subject: str
+    target_new: str
+    target_true: str
+
+
+@dataclass
+class EditResult:
+    """What one call to :meth:`Editor.apply` changed.
+
+    ``deltas`` maps "layer:matrix_type" to the (out, in) update applied in place; ``info`` holds
+    per-request diagnostics (optimisation steps, losses).
+    """
+
+    deltas: dict[str, torch.Tensor]
+    info: list[dict[str, Any]] = field(default_factory=list)
+
+
+class Editor(ABC):
+    """Edits a live model in place, one batch of requests per :meth:`apply` call.
+
+    State that must carry over between sequential calls (e.g. earlier edits' keys) lives on the
+    editor object, never in module globals.
+    """
+
+    name: str = ""
+
+    def __init__(self, lm: LoadedModel, hparams):
+        self.lm = lm
+        self.hp = hparams
+
+    @abstractmethod
+    def apply(self, requests: list[Request]) -> EditResult:
+        """Edit the model for ``requests``; return the deltas applied."""
+
+    @abstractmethod
+    def edited_matrices(self) -> list[tuple[int, str]]:
+        """(layer, matrix type) of every matrix this editor may change."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """Editor state needed to resume a sequence (beyond the model's weights)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{self.name} keeps no state, got keys {sorted(state)}")
+
+
+def load_hparams(cls, editor: str, lm: LoadedModel, overrides: dict[str, Any] | None = None):
+    """Hyperparameters of ``editor`` for ``lm``: YAML ``default``, then the model family, then the
+    model's own name, then ``overrides``. Unknown keys are an error."""
+    text = resources.files(__package__).joinpath("hparams", f"{editor}.yaml").read_text()
+    table = yaml.safe_load(text) or {}
+    merged: dict[str, Any] = {}
+    for key in ("default", f"family:{lm.spec.family}", lm.name):
+        merged.update(table.get(key) or {})
+    merged.update(overrides or {})
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(merged) - names
+    if unknown:
+        raise ValueError(f"unknown {editor} hyperparameters {sorted(unknown)}; known: {sorted(names)}")
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in merged
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"{editor} needs {missing} for model {lm.name!r}: add them to "
+                         f"hparams/{editor}.yaml or pass them explicitly")
+    return cls(**merged)

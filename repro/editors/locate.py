@@ -1,0 +1,228 @@
+"""Plumbing shared by the locate-and-edit editors: prompt batches with subject positions, the keys
+of a matrix at the subject's last token, random context prefixes, and the optimisation of the
+target value v* (the vector the edited matrix must output for the subject).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..hooks import StopForward, capture, edit_output
+from ..models import LoadedModel
+
+
+@dataclass
+class PromptBatch:
+    """Right-padded token ids with, per row, the subject's last token and the loss positions."""
+
+    input_ids: torch.Tensor  # (B, T)
+    attention_mask: torch.Tensor  # (B, T)
+    subject_idx: torch.Tensor  # (B,)
+    loss_pos: torch.Tensor  # (B, L): positions whose next-token logits predict the target
+    labels: torch.Tensor  # (B, L): target token ids
+    label_mask: torch.Tensor  # (B, L): 1 where a row has that many target tokens
+    last_idx: torch.Tensor  # (B,): last real token of each row
+
+
+def fill(template: str, subject: str) -> tuple[str, tuple[int, int]]:
+    """Fill the single ``{}`` of a template with the subject; return the text and subject span."""
+    if template.count("{}") != 1:
+        raise ValueError(f"template must contain exactly one '{{}}': {template!r}")
+    start = template.index("{}")
+    return template.replace("{}", subject), (start, start + len(subject))
+
+
+def _subject_last_token(offsets: list[tuple[int, int]], span: tuple[int, int]) -> int:
+    idx = [i for i, (a, b) in enumerate(offsets) if b > a and a < span[1] and b > span[0]]
+    if not idx:
+        raise ValueError(f"no token overlaps the subject span {span}")
+    return idx[-1]
+
+
+def target_ids(tok, target: str) -> list[int]:
+    """Token ids of a target object as it follows a prompt (with its leading space)."""
+    ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenizes to nothing")
+    return ids
+
+
+def make_batch(
+    lm: LoadedModel, templates: list[str], subject: str, target: str | None = None, n_plain: int = 0
+) -> PromptBatch:
+    """Batch the templates filled with ``subject``, each followed by all but the last target token.
+
+    The last ``n_plain`` templates get no target (their label mask is zero), so that prompts with
+    other losses can share one forward pass.
+    """
+    tok = lm.tokenizer
+    tgt = target_ids(tok, target) if target is not None else []
+    rows, subj, lens, tgts = [], [], [], []
+    for i, template in enumerate(templates):
+        text, span = fill(template, subject)
+        enc = tok(text, return_offsets_mapping=True)
+        subj.append(_subject_last_token(enc["offset_mapping"], span))
+        ids = list(enc["input_ids"])
+        row_tgt = tgt if i < len(templates) - n_plain else []
+        lens.append(len(ids))
+        tgts.append(row_tgt)
+        rows.append(ids + row_tgt[:-1])
+    T = max(len(r) for r in rows)
+    B, L = len(rows), max(len(tgt), 1)
+    pad = tok.pad_token_id
+    input_ids = torch.full((B, T), pad, dtype=torch.long)
+    attn = torch.zeros((B, T), dtype=torch.long)
+    loss_pos = torch.zeros((B, L), dtype=torch.long)
+    labels = torch.zeros((B, L), dtype=torch.long)
+    label_mask = torch.zeros((B, L))
+    for b, (row, n, tgt) in enumerate(zip(rows, lens, tgts)):
+        input_ids[b, : len(row)] = torch.tensor(row)
+        attn[b, : len(row)] = 1
+        if tgt:
+            loss_pos[b, : len(tgt)] = torch.arange(n - 1, n - 1 + len(tgt))
+            labels[b, : len(tgt)] = torch.tensor(tgt)
+            label_mask[b, : len(tgt)] = 1
+    dev = lm.device
+    return PromptBatch(
+        input_ids.to(dev),
+        attn.to(dev),
+        torch.tensor(subj, device=dev),
+        loss_pos.to(dev),
+        labels.to(dev),
+        label_mask.to(dev),
+        (attn.sum(1) - 1).to(dev),
+    )
+
+
+def logits_at(lm: LoadedModel, batch: PromptBatch, positions: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities only at ``positions`` (B, L) — the unembedding is the costly part."""
+    hidden = lm.spec.base_model(lm.model)(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask
+    ).last_hidden_state
+    picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+    return torch.log_softmax(lm.spec.logits(lm.model, picked).float(), dim=-1)
+
+
+@torch.no_grad()
+def subject_keys(lm: LoadedModel, layer: int, mtype: str, templates: list[str], subject: str) -> torch.Tensor:
+    """Input of matrix ``mtype`` at the subject's last token, one row per filled template."""
+    batch = make_batch(lm, templates, subject)
+    module = lm.spec.matrix_module(lm.model, layer, mtype)
+    with capture({"k": module}, what="input", stop_after="k") as got:
+        try:
+            lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        except StopForward:
+            pass
+    rows = torch.arange(batch.input_ids.shape[0], device=lm.device)
+    return got["k"][rows, batch.subject_idx]
+
+
+@torch.no_grad()
+def context_templates(
+    lm: LoadedModel, seed: int, lengths: tuple[tuple[int, int], ...] = ((5, 5), (5, 10))
+) -> list[str]:
+    """``{}`` plus short model-generated prefixes ("<prefix>. {}"), deterministic for a seed.
+
+    ``lengths`` holds (how many, tokens each). Averaging keys over such prefixes makes the key
+    describe the subject rather than one exact prompt (ROME, Meng et al. 2022).
+    """
+    tok, model = lm.tokenizer, lm.model
+    starts = ["The", "Therefore", "Because", "I", "You"]
+    out = ["{}"]
+    with torch.random.fork_rng(devices=[lm.device] if lm.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for count, n_tokens in lengths:
+            for i in range(count):
+                enc = tok(starts[i % len(starts)], return_tensors="pt").to(lm.device)
+                gen = model.generate(
+                    **enc, max_new_tokens=n_tokens, do_sample=True, top_k=5,
+                    pad_token_id=tok.pad_token_id,
+                )
+                text = tok.decode(gen[0], skip_special_tokens=True)
+                text = " ".join(text.replace("{", " ").replace("}", " ").split())
+                out.append(text + ". {}")
+    return out
+
+
+@dataclass
+class ValueResult:
+    v_star: torch.Tensor  # target output of the matrix at the subject's last token
+    v_init: torch.Tensor  # its output before the edit (plain prompt)
+    steps: int
+    nll_first: float
+    nll_last: float
+
+
+def optimize_value(
+    lm: LoadedModel,
+    layer: int,
+    mtype: str,
+    templates: list[str],
+    subject: str,
+    target: str,
+    *,
+    steps: int,
+    lr: float,
+    weight_decay: float,
+    kl_factor: float,
+    clamp_norm_factor: float,
+    nll_stop: float,
+    kl_template: str = "{} is a",
+) -> ValueResult:
+    """Find v* = v + δ: adding δ to the matrix output at the subject's last token makes the model
+    predict ``target`` after every template (mean token NLL), while keeping the next-token
+    distribution of ``kl_template`` close (KL) and δ small (weight decay relative to ‖v‖, norm clamp).
+
+    Templates are already-composed prompts with one ``{}`` for the subject; the first one is the
+    plain prompt whose output is v.
+    """
+    # rewrite prompts (with the target) and the KL prompt share one batch and one forward pass
+    batch = make_batch(lm, templates + [kl_template], subject, target, n_plain=1)
+    n_rw = len(templates)
+    module = lm.spec.matrix_module(lm.model, layer, mtype)
+    d_out = lm.spec.weight(lm.model, layer, mtype).shape[0]
+    delta = torch.zeros(d_out, device=lm.device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=lr)
+    mask = torch.zeros(batch.input_ids.shape, device=lm.device)
+    mask[torch.arange(mask.shape[0]), batch.subject_idx] = 1.0
+    mask = mask.unsqueeze(-1)
+    # loss positions: the target positions of rewrite rows, the last token of the KL row
+    positions = batch.loss_pos.clone()
+    positions[n_rw:, 0] = batch.last_idx[n_rw:]
+    state: dict[str, torch.Tensor] = {}
+
+    def add_delta(out):
+        if "v_init" not in state:
+            state["v_init"] = out[0, batch.subject_idx[0]].detach().clone()
+        return out + mask * delta.to(out.dtype)
+
+    kl_ref = None
+    nll_first = nll = float("nan")
+    step = 0
+    for step in range(steps):
+        opt.zero_grad()
+        with edit_output(module, add_delta):
+            logp = logits_at(lm, batch, positions)
+        tok_lp = logp[:n_rw].gather(-1, batch.labels[:n_rw].unsqueeze(-1)).squeeze(-1)
+        lm_ = batch.label_mask[:n_rw]
+        nll_t = -((tok_lp * lm_).sum(1) / lm_.sum(1)).mean()
+        kl_lp = logp[n_rw:, 0]
+        if kl_ref is None:
+            kl_ref = kl_lp.detach()
+        kl = torch.nn.functional.kl_div(kl_lp, kl_ref, log_target=True, reduction="batchmean")
+        v_norm = state["v_init"].norm()
+        loss = nll_t + kl_factor * kl + weight_decay * delta.norm() ** 2 / v_norm**2
+        nll = nll_t.item()
+        if step == 0:
+            nll_first = nll
+        if nll < nll_stop:
+            break
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            limit = clamp_norm_factor * v_norm
+            if delta.norm() > limit:
+                delta.mul_(limit / delta.norm())
+    v_init = state["v_init"]
+    return ValueResult(v_init + delta.detach(), v_init, step + 1, nll_first, nll)

