@@ -48,30 +48,31 @@ def target_ids(tok, target: str) -> list[int]:
     return ids
 
 
-def make_batch(
-    lm: LoadedModel, templates: list[str], subject: str, target: str | None = None, n_plain: int = 0
+def encode_rows(
+    lm: LoadedModel,
+    texts: list[str],
+    targets: list[str | None],
+    spans: list[tuple[int, int]] | None = None,
 ) -> PromptBatch:
-    """Batch the templates filled with ``subject``, each followed by all but the last target token.
+    """Right-padded batch of ``text + all but the last target token`` per row.
 
-    The last ``n_plain`` templates get no target (their label mask is zero), so that prompts with
-    other losses can share one forward pass.
+    ``loss_pos``/``labels`` say where each target token is predicted; rows whose target is None
+    get an all-zero label mask. With ``spans`` (character span of the subject in each text) the
+    subject's last token index is filled in, else it is the last prompt token.
     """
     tok = lm.tokenizer
-    tgt = target_ids(tok, target) if target is not None else []
     rows, subj, lens, tgts = [], [], [], []
-    for i, template in enumerate(templates):
-        text, span = fill(template, subject)
-        enc = tok(text, return_offsets_mapping=True)
-        subj.append(_subject_last_token(enc["offset_mapping"], span))
+    for i, (text, target) in enumerate(zip(texts, targets, strict=True)):
+        enc = tok(text, return_offsets_mapping=spans is not None)
         ids = list(enc["input_ids"])
-        row_tgt = tgt if i < len(templates) - n_plain else []
+        subj.append(_subject_last_token(enc["offset_mapping"], spans[i]) if spans else len(ids) - 1)
+        tgt = target_ids(tok, target) if target is not None else []
         lens.append(len(ids))
-        tgts.append(row_tgt)
-        rows.append(ids + row_tgt[:-1])
+        tgts.append(tgt)
+        rows.append(ids + tgt[:-1])
     T = max(len(r) for r in rows)
-    B, L = len(rows), max(len(tgt), 1)
-    pad = tok.pad_token_id
-    input_ids = torch.full((B, T), pad, dtype=torch.long)
+    B, L = len(rows), max(1, max(len(t) for t in tgts))
+    input_ids = torch.full((B, T), tok.pad_token_id, dtype=torch.long)
     attn = torch.zeros((B, T), dtype=torch.long)
     loss_pos = torch.zeros((B, L), dtype=torch.long)
     labels = torch.zeros((B, L), dtype=torch.long)
@@ -93,6 +94,20 @@ def make_batch(
         label_mask.to(dev),
         (attn.sum(1) - 1).to(dev),
     )
+
+
+def make_batch(
+    lm: LoadedModel, templates: list[str], subject: str, target: str | None = None, n_plain: int = 0
+) -> PromptBatch:
+    """The templates filled with ``subject``, each followed by the target (see :func:`encode_rows`).
+
+    The last ``n_plain`` templates get no target, so that prompts with other losses can share one
+    forward pass.
+    """
+    filled = [fill(t, subject) for t in templates]
+    n_tgt = len(templates) - n_plain
+    targets = [target if i < n_tgt else None for i in range(len(templates))]
+    return encode_rows(lm, [f[0] for f in filled], targets, [f[1] for f in filled])
 
 
 def logits_at(lm: LoadedModel, batch: PromptBatch, positions: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,212 @@
+"""A sequential editing run: edit a model fact after fact (or batch after batch), measuring as it
+goes, and store everything in one NetCDF file.
+
+Interrupted runs resume: every ``checkpoint_every`` edits the weights of the edited matrices and
+the measurements so far are saved (atomically) next to the output as ``<output>.state.pt``; a
+rerun with the same parameters continues from there. A finished run is not redone unless its
+parameters differ or ``overwrite`` is set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from . import store
+from .data.counterfact import EditRequest, Record, load_records, to_request
+from .editors import make_editor
+from .measure.norms import weight_norms
+from .measure.rewrite import compare_targets, prefers_new
+from .models import LoadedModel, load_model
+from .paths import from_root
+
+SPLITS = ("eval", "train")
+
+
+@dataclass
+class SequentialParams:
+    model: str = "smollm2-135m"
+    editor: str = "rome"
+    n_edits: int = 3
+    batch_size: int = 1  # facts per editor call
+    seed: int = 0
+    facts: str = "data/facts/smollm2-135m.json"
+    split: str = "eval"  # "train" facts are kept for meta-training (MEND), never evaluated on
+    norm_every: int = 1  # measure all weight norms every k edits (and before/after)
+    checkpoint_every: int = 10
+    output: str = "data/runs/smoke_rome.nc"
+    device: str | None = None
+    hparams: dict = field(default_factory=dict)  # editor hyperparameter overrides
+
+    def validate(self) -> None:
+        for name in ("n_edits", "batch_size", "norm_every", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if not str(self.output).endswith(".nc"):
+            raise ValueError(f"output must be a .nc file, got {self.output!r}")
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def split_of(record: Record) -> str:
+    """Fixed split by case id: every fifth case is for training (meta-learned editors)."""
+    return "train" if record.case_id % 5 == 0 else "eval"
+
+
+def select_requests(records: list[Record], n: int, seed: int, split: str = "eval") -> list[EditRequest]:
+    """``n`` facts of ``split`` in a seeded random order, at most one per subject (editing the same
+    subject twice in a sequence would overwrite rather than add)."""
+    pool = [r for r in records if split_of(r) == split]
+    random.Random(seed).shuffle(pool)
+    chosen, subjects = [], set()
+    for rec in pool:
+        subj = rec.requested_rewrite.subject
+        if subj not in subjects:
+            subjects.add(subj)
+            chosen.append(to_request(rec))
+        if len(chosen) == n:
+            return chosen
+    raise ValueError(f"only {len(chosen)} distinct-subject facts in split {split!r}, {n} requested")
+
+
+def _state_path(output: Path) -> Path:
+    return output.with_name(output.name + ".state.pt")
+
+
+def _save_state(path: Path, state: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _edit_scores(lm: LoadedModel, reqs: list[EditRequest]) -> tuple[np.ndarray, np.ndarray]:
+    return compare_targets(lm, [r.text for r in reqs], [r.target_new for r in reqs], [r.target_true for r in reqs])
+
+
+def run_sequential(params: SequentialParams, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
+    """Run (or resume, or reuse) a sequential editing run and return its Dataset."""
+    params.validate()
+    output = from_root(params.output)
+    pdict = params.as_dict()
+    if output.exists() and not overwrite:
+        done = store.read_netcdf(output)
+        if store.run_params(done) == json.loads(json.dumps(pdict, sort_keys=True, default=str)):
+            return done
+        raise FileExistsError(f"{output} exists with other parameters; pass overwrite=True to replace it")
+
+    lm = load_model(params.model, device=params.device)
+    requests = select_requests(load_records(from_root(params.facts)), params.n_edits, params.seed, params.split)
+    editor = make_editor(params.editor, lm, **params.hparams)
+    edited = editor.edited_matrices()
+    state_file = _state_path(output)
+
+    state = {"params": pdict, "done": 0, "rows": [], "norm_steps": [], "norms": [], "elapsed": 0.0}
+    if state_file.exists():
+        saved = torch.load(state_file, weights_only=False)
+        if saved["params"] == pdict:
+            state = saved
+            with torch.no_grad():
+                for (layer, mtype), w in zip(edited, saved["weights"]):
+                    lm.spec.weight(lm.model, layer, mtype).copy_(w.to(lm.device))
+            editor.load_state_dict(saved["editor"])
+    t0 = time.perf_counter() - state["elapsed"]
+
+    def checkpoint():
+        state["elapsed"] = time.perf_counter() - t0
+        state["weights"] = [lm.spec.weight(lm.model, l, m).detach().cpu().clone() for l, m in edited]
+        state["editor"] = editor.state_dict()
+        _save_state(state_file, state)
+
+    if state["done"] == 0 and not state["norm_steps"]:
+        state["norm_steps"].append(0)
+        state["norms"].append(weight_norms(lm).values)
+
+    bar = tqdm(total=params.n_edits, initial=state["done"], desc=f"{params.editor} edits", disable=not progress)
+    while state["done"] < params.n_edits:
+        start = state["done"]
+        batch = requests[start : start + params.batch_size]
+        pre_new, pre_true = _edit_scores(lm, batch)
+        t_edit = time.perf_counter()
+        result = editor.apply(batch)
+        seconds = (time.perf_counter() - t_edit) / len(batch)
+        post_new, post_true = _edit_scores(lm, batch)
+        delta_norm = float(np.sqrt(sum(float(d.double().pow(2).sum()) for d in result.deltas.values())))
+        for i, req in enumerate(batch):
+            info = result.info[i] if i < len(result.info) else {}
+            state["rows"].append({
+                "case_id": req.case_id, "subject": req.subject, "target_new": req.target_new,
+                "target_true": req.target_true, "nll_new_pre": pre_new[i], "nll_true_pre": pre_true[i],
+                "nll_new": post_new[i], "nll_true": post_true[i], "edit_seconds": seconds,
+                "delta_norm": delta_norm if i == len(batch) - 1 else np.nan,
+                "v_steps": info.get("v_steps", np.nan),
+            })
+        state["done"] += len(batch)
+        if state["done"] % params.norm_every == 0 or state["done"] == params.n_edits:
+            state["norm_steps"].append(state["done"])
+            state["norms"].append(weight_norms(lm).values)
+        if state["done"] % params.checkpoint_every < len(batch) or state["done"] == params.n_edits:
+            checkpoint()
+        bar.update(len(batch))
+    bar.close()
+
+    final_new, final_true = _edit_scores(lm, requests)
+    ds = _to_dataset(lm, params, state, edited, final_new, final_true, editor)
+    ds.attrs.update(store.provenance(
+        pdict, str(lm.device), run_id=output.stem, model=params.model, editor=params.editor,
+        edited_matrices=[f"{l}:{m}" for l, m in edited], facts_file=params.facts,
+        hparams=dataclasses.asdict(editor.hp) if dataclasses.is_dataclass(editor.hp) else {},
+        wall_time_s=round(time.perf_counter() - t0, 2),
+    ))
+    store.write_netcdf(ds, output)
+    state_file.unlink(missing_ok=True)
+    return ds
+
+
+def _to_dataset(lm, params, state, edited, final_new, final_true, editor) -> xr.Dataset:
+    rows = state["rows"]
+    edit = np.arange(1, len(rows) + 1)
+    col = lambda k: np.array([r[k] for r in rows])  # noqa: E731
+    matrices = list(lm.spec.matrices)
+    mask = np.zeros((lm.n_layers, len(matrices)), dtype=np.int8)
+    for layer, mtype in edited:
+        mask[layer, matrices.index(mtype)] = 1
+    nll_new, nll_true = col("nll_new"), col("nll_true")
+    ds = xr.Dataset(
+        {
+            "weight_norm": (("step", "layer", "matrix"), np.stack(state["norms"])),
+            "edited": (("layer", "matrix"), mask),
+            "delta_norm": ("edit", col("delta_norm").astype(float)),
+            "nll_new_pre": ("edit", col("nll_new_pre").astype(float)),
+            "nll_true_pre": ("edit", col("nll_true_pre").astype(float)),
+            "nll_new": ("edit", nll_new.astype(float)),
+            "nll_true": ("edit", nll_true.astype(float)),
+            "efficacy": ("edit", prefers_new(nll_new, nll_true).astype(np.int8)),
+            "efficacy_final": ("edit", prefers_new(final_new, final_true).astype(np.int8)),
+            "edit_seconds": ("edit", col("edit_seconds").astype(float)),
+            "v_steps": ("edit", col("v_steps").astype(float)),
+            "case_id": ("edit", col("case_id").astype(np.int64)),
+            "subject": ("edit", col("subject").astype(str)),
+            "target_new": ("edit", col("target_new").astype(str)),
+            "target_true": ("edit", col("target_true").astype(str)),
+        },
+        coords={"step": np.array(state["norm_steps"]), "layer": np.arange(lm.n_layers),
+                "matrix": matrices, "edit": edit},
+    )
+    ds["weight_norm"].attrs["long_name"] = "Frobenius norm after `step` edits"
+    ds["delta_norm"].attrs["long_name"] = "Frobenius norm of the update made by the editor call ending at this edit"
+    ds["efficacy"].attrs["long_name"] = "P(new) > P(true) on the rewrite prompt right after the edit"
+    ds["efficacy_final"].attrs["long_name"] = "P(new) > P(true) on the rewrite prompt after all edits"
+    ds["edit_seconds"].attrs["long_name"] = "seconds of editor time per fact"
+    return ds

@@ -1,0 +1,1 @@
+"""Measurements taken on a model during a sequential editing run."""

@@ -1,0 +1,53 @@
+"""Plain-text summaries of run files (what notebooks print and the book quotes)."""
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+
+def edited_norms(ds: xr.Dataset) -> xr.DataArray:
+    """‖W‖_F over steps of each edited matrix, dims ("step", "edited"), labelled "layer:matrix"."""
+    pairs = [(int(l), str(m)) for l, m in zip(*np.nonzero(ds["edited"].values))]
+    layers = ds["layer"].values
+    mats = ds["matrix"].values
+    cols = [ds["weight_norm"].sel(layer=layers[l], matrix=mats[m]).values for l, m in pairs]
+    return xr.DataArray(
+        np.stack(cols, axis=1), dims=("step", "edited"),
+        coords={"step": ds["step"].values, "edited": [f"{layers[l]}:{mats[m]}" for l, m in pairs]},
+    )
+
+
+def summarize_run(ds: xr.Dataset, decimals: int = 3) -> str:
+    """A few deterministic lines: edits, efficacy, norms of edited vs unedited matrices."""
+    en = edited_norms(ds)
+    n = int(ds.sizes["edit"])
+    lines = [
+        f"run {ds.attrs.get('run_id', '?')}: editor={ds.attrs.get('editor')} model={ds.attrs.get('model')} "
+        f"edits={n} edited={list(en['edited'].values)}",
+        f"efficacy right after each edit: {ds['efficacy'].mean().item():.{decimals}f}",
+        f"efficacy of all edits at the end: {ds['efficacy_final'].mean().item():.{decimals}f}",
+    ]
+    for name in en["edited"].values:
+        series = en.sel(edited=name).values
+        layer, mtype = name.split(":")
+        others = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0)
+        lines.append(
+            f"{name}: norm {series[0]:.{decimals}f} -> {series[-1]:.{decimals}f} "
+            f"(x{series[-1] / series[0]:.{decimals}f}); unedited {mtype} layers: mean "
+            f"{float(others.isel(step=0).mean()):.{decimals}f} -> {float(others.isel(step=-1).mean()):.{decimals}f}"
+        )
+    return "\n".join(lines)
+
+
+def edit_table(ds: xr.Dataset, decimals: int = 2) -> str:
+    """One line per edit: subject, old -> new, NLLs before/after, efficacy, ‖ΔW‖."""
+    rows = [f"{'edit':>4} {'subject':<28} {'true -> new':<34} {'nll new pre/post':>16} {'eff':>3} {'|dW|':>7}"]
+    for i in range(ds.sizes["edit"]):
+        e = ds.isel(edit=i)
+        change = f"{e['target_true'].item()} -> {e['target_new'].item()}"
+        nll = f"{e['nll_new_pre'].item():.{decimals}f}/{e['nll_new'].item():.{decimals}f}"
+        rows.append(
+            f"{int(e['edit']):>4} {str(e['subject'].item())[:28]:<28} {change[:34]:<34} {nll:>16} "
+            f"{int(e['efficacy']):>3} {e['delta_norm'].item():>7.{decimals}f}"
+        )
+    return "\n".join(rows)

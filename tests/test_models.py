@@ -1,0 +1,121 @@
+"""Architecture specs on tiny randomly initialised models of each family, and model loading errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPTJConfig, LlamaConfig
+
+from repro.models import PACKAGED, SPECS, load_model, resolve_device, spec_for
+
+
+def tiny_configs():
+    from transformers import Gemma3TextConfig
+
+    common = dict(vocab_size=97)
+    return {
+        "llama": LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                             num_attention_heads=4, num_key_value_heads=2, **common),
+        "gemma3": Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                   final_logit_softcapping=30.0, **common),
+        "gpt2": GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, **common),
+        "gptj": GPTJConfig(n_embd=32, n_layer=3, n_head=4, rotary_dim=4, n_positions=64, **common),
+    }
+
+
+@pytest.fixture(params=sorted(SPECS))
+def tiny(request):
+    torch.manual_seed(0)
+    cfg = tiny_configs()[request.param]
+    return request.param, AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_family_is_detected(tiny):
+    family, model = tiny
+    assert spec_for(model).family == family
+
+
+def test_every_matrix_resolves_with_out_in_shape(tiny):
+    family, model = tiny
+    spec = spec_for(model)
+    d = model.config.hidden_size if hasattr(model.config, "hidden_size") else model.config.n_embd
+    assert spec.n_layers(model) == 3
+    for layer in range(3):
+        for mtype in spec.matrices:
+            w = spec.weight(model, layer, mtype)
+            assert w.ndim == 2
+        # the MLP output matrix writes to the residual stream: (d_model, d_ff)
+        assert spec.weight(model, layer, spec.mlp_out).shape[0] == d
+        for mtype in spec.mlp_in:
+            assert spec.weight(model, layer, mtype).shape[1] == d
+        assert spec.weight(model, layer, spec.attn_out).shape[0] == d
+
+
+def test_weight_view_shares_storage(tiny):
+    """Editing the (out, in) view must edit the model (GPT-2's Conv1D is stored transposed)."""
+    _, model = tiny
+    spec = spec_for(model)
+    x = torch.randn(2, 5, spec.weight(model, 1, spec.mlp_out).shape[1])
+    module = spec.matrix_module(model, 1, spec.mlp_out)
+    before = module(x)
+    with torch.no_grad():
+        spec.weight(model, 1, spec.mlp_out)[0, 0] += 1.0
+    after = module(x)
+    assert torch.allclose(after[..., 0] - before[..., 0], x[..., 0], atol=1e-5)
+    assert torch.allclose(after[..., 1:], before[..., 1:])
+
+
+def test_logits_from_base_match_full_forward(tiny):
+    _, model = tiny
+    spec = spec_for(model)
+    ids = torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        hidden = spec.base_model(model)(input_ids=ids).last_hidden_state
+        assert torch.allclose(spec.logits(model, hidden), full, atol=1e-5)
+
+
+def test_submodule_paths(tiny):
+    _, model = tiny
+    spec = spec_for(model)
+    for which in ("mlp", "attn", "layer"):
+        assert model.get_submodule(spec.submodule_path(2, which)) is not None
+    assert model.get_submodule(spec.final_norm) is not None
+
+
+def test_unknown_matrix_type_is_a_clear_error(tiny):
+    _, model = tiny
+    with pytest.raises(KeyError, match="known"):
+        spec_for(model).matrix_path(0, "nope")
+
+
+def test_unknown_model_name_lists_known_ones(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError) as err:
+        load_model("no-such-model-anywhere")
+    for name in PACKAGED:
+        assert name in str(err.value)
+
+
+def test_unsupported_architecture_is_a_clear_error():
+    model = torch.nn.Linear(2, 2)
+    model.config = type("C", (), {"model_type": "bert"})()
+    with pytest.raises(ValueError, match="no architecture spec"):
+        spec_for(model)
+
+
+def test_device_choice(monkeypatch):
+    monkeypatch.delenv("NORMGROWTH_DEVICE", raising=False)
+    assert resolve_device("cpu").type == "cpu"
+    monkeypatch.setenv("NORMGROWTH_DEVICE", "cpu")
+    assert resolve_device().type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA"):
+            resolve_device("cuda")
+
+
+def test_packaged_model_loads_with_spec(smollm):
+    assert smollm.spec.family == "llama"
+    assert smollm.n_layers == 30
+    assert smollm.spec.weight(smollm.model, 0, "mlp_down").shape == (576, 1536)
+    assert not any(p.requires_grad for p in smollm.model.parameters())
