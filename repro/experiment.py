@@ -9,7 +9,6 @@ parameters differ or ``overwrite`` is set.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import time
@@ -65,9 +64,9 @@ def split_of(record: Record) -> str:
     return "train" if record.case_id % 5 == 0 else "eval"
 
 
-def select_requests(records: list[Record], n: int, seed: int, split: str = "eval") -> list[EditRequest]:
-    """``n`` facts of ``split`` in a seeded random order, at most one per subject (editing the same
-    subject twice in a sequence would overwrite rather than add)."""
+def select_records(records: list[Record], n: int, seed: int, split: str = "eval") -> list[Record]:
+    """``n`` records of ``split`` in a seeded random order, at most one per subject (editing the
+    same subject twice in a sequence would overwrite rather than add)."""
     pool = [r for r in records if split_of(r) == split]
     random.Random(seed).shuffle(pool)
     chosen, subjects = [], set()
@@ -75,10 +74,15 @@ def select_requests(records: list[Record], n: int, seed: int, split: str = "eval
         subj = rec.requested_rewrite.subject
         if subj not in subjects:
             subjects.add(subj)
-            chosen.append(to_request(rec))
+            chosen.append(rec)
         if len(chosen) == n:
             return chosen
     raise ValueError(f"only {len(chosen)} distinct-subject facts in split {split!r}, {n} requested")
+
+
+def select_requests(records: list[Record], n: int, seed: int, split: str = "eval") -> list[EditRequest]:
+    """The edit requests of :func:`select_records`."""
+    return [to_request(r) for r in select_records(records, n, seed, split)]
 
 
 def _state_path(output: Path) -> Path:
@@ -86,6 +90,7 @@ def _state_path(output: Path) -> Path:
 
 
 def _save_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -100,11 +105,9 @@ def run_sequential(params: SequentialParams, overwrite: bool = False, progress: 
     params.validate()
     output = from_root(params.output)
     pdict = params.as_dict()
-    if output.exists() and not overwrite:
-        done = store.read_netcdf(output)
-        if store.run_params(done) == json.loads(json.dumps(pdict, sort_keys=True, default=str)):
-            return done
-        raise FileExistsError(f"{output} exists with other parameters; pass overwrite=True to replace it")
+    done = store.existing_run(output, pdict, overwrite)
+    if done is not None:
+        return done
 
     lm = load_model(params.model, device=params.device)
     requests = select_requests(load_records(from_root(params.facts)), params.n_edits, params.seed, params.split)

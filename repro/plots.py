@@ -47,3 +47,17 @@ def plot_norm_by_layer(ds: xr.Dataset, ax=None, title: str | None = None):
     ax.set_title(title or f"{ds.attrs.get('editor', '')}: {mtype} norm per layer (dotted: edited)")
     ax.legend(frameon=False, fontsize=8)
     return ax
+
+
+def plot_layer_sweep(ds: xr.Dataset, ax=None):
+    """Mean ES, PS, NS and their harmonic mean S of single edits, per edited layer."""
+    ax = ax or plt.subplots(figsize=(5, 3.5))[1]
+    for name, label in (("es", "efficacy"), ("ps", "paraphrase"), ("ns", "neighborhood")):
+        ax.plot(ds["layer"], ds[name].mean("fact"), marker="o", ms=3, label=label)
+    ax.plot(ds["layer"], ds["score"], marker="s", color="k", label="S (harmonic mean)")
+    ax.set_xlabel("edited layer")
+    ax.set_ylabel("score of single edits")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{ds.attrs.get('editor', '')} layer sweep on {ds.attrs.get('model', '')}")
+    ax.legend(frameon=False, fontsize=8)
+    return ax

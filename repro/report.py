@@ -51,3 +51,21 @@ def edit_table(ds: xr.Dataset, decimals: int = 2) -> str:
             f"{int(e['efficacy']):>3} {e['delta_norm'].item():>7.{decimals}f}"
         )
     return "\n".join(rows)
+
+
+def provenance_lines(ds: xr.Dataset, path) -> str:
+    """Which file and which parameters made a figure: printed under every figure of the book."""
+    import json
+    from pathlib import Path
+
+    from .paths import ROOT
+
+    path = Path(path)
+    shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
+    params = json.loads(ds.attrs.get("params", "{}"))
+    return "\n".join([
+        f"file: {shown}",
+        f"parameters: {json.dumps(params, sort_keys=True)}",
+        f"git: {ds.attrs.get('git_sha', '?')}  device: {ds.attrs.get('device', '?')}  "
+        f"created: {ds.attrs.get('created_utc', '?')}  wall time: {ds.attrs.get('wall_time_s', '?')} s",
+    ])

@@ -80,3 +80,15 @@ def read_netcdf(path: str | Path) -> xr.Dataset:
 def run_params(ds: xr.Dataset) -> dict:
     """The parameters a run file was made with."""
     return json.loads(ds.attrs["params"])
+
+
+def existing_run(path: str | Path, params: dict, overwrite: bool = False) -> xr.Dataset | None:
+    """The finished run at ``path`` when it was made with ``params`` (None when absent or when
+    ``overwrite``); a run made with other parameters is an error rather than silently replaced."""
+    path = Path(path)
+    if overwrite or not path.exists():
+        return None
+    done = read_netcdf(path)
+    if run_params(done) != json.loads(json.dumps(params, sort_keys=True, default=str)):
+        raise FileExistsError(f"{path} exists with other parameters; pass overwrite=True to replace it")
+    return done

@@ -33,3 +33,38 @@ def compare_targets(
 def prefers_new(nll_new: np.ndarray, nll_true: np.ndarray) -> np.ndarray:
     """CounterFact's success test: P(new) > P(true), i.e. a lower mean token NLL for the new object."""
     return np.asarray(nll_new) < np.asarray(nll_true)
+
+
+def record_scores(lm: LoadedModel, records) -> dict[str, np.ndarray]:
+    """CounterFact scores of each record on the current model, one value per record:
+    ``es`` (rewrite prompt prefers the new object), ``ps`` (share of paraphrases that do) and
+    ``ns`` (share of neighborhood prompts that still prefer the true object)."""
+    texts, news, trues, owner, kind = [], [], [], [], []
+    for i, rec in enumerate(records):
+        rw = rec.requested_rewrite
+        groups = {"es": [rw.prompt.format(rw.subject)], "ps": rec.paraphrase_prompts, "ns": rec.neighborhood_prompts}
+        for name, prompts in groups.items():
+            texts += prompts
+            news += [rw.target_new] * len(prompts)
+            trues += [rw.target_true] * len(prompts)
+            owner += [i] * len(prompts)
+            kind += [name] * len(prompts)
+    nll_new, nll_true = compare_targets(lm, texts, news, trues)
+    win = prefers_new(nll_new, nll_true)
+    owner, kind = np.array(owner), np.array(kind)
+    out = {}
+    for name in ("es", "ps", "ns"):
+        vals = np.full(len(records), np.nan)
+        for i in range(len(records)):
+            sel = (owner == i) & (kind == name)
+            if sel.any():
+                w = win[sel]
+                vals[i] = (1 - w).mean() if name == "ns" else w.mean()
+        out[name] = vals
+    return out
+
+
+def harmonic_mean(*values: float) -> float:
+    """CounterFact's overall score S: the harmonic mean of ES, PS and NS (0 when any is 0)."""
+    vals = np.asarray(values, dtype=float)
+    return 0.0 if (vals <= 0).any() else float(len(vals) / (1.0 / vals).sum())

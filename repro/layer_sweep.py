@@ -1,0 +1,61 @@
+"""Which layer to edit: single edits of held-out facts at each candidate layer, scored by
+efficacy, paraphrase and neighborhood success (CounterFact), each edit undone before the next."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+import xarray as xr
+from tqdm.auto import tqdm
+
+from .data.counterfact import Record, to_request
+from .editors import make_editor
+from .measure.rewrite import harmonic_mean, record_scores
+from .models import LoadedModel
+
+
+def sweep_layers(
+    lm: LoadedModel, records: list[Record], layers: list[int], editor: str = "rome",
+    hparams: dict | None = None, progress: bool = True,
+) -> xr.Dataset:
+    """Scores (layer, fact) of editing each fact alone at each layer, plus the unedited scores."""
+    base = record_scores(lm, records)
+    shape = (len(layers), len(records))
+    es, ps, ns, secs = (np.zeros(shape) for _ in range(4))
+    bar = tqdm(total=shape[0] * shape[1], desc="layer sweep", disable=not progress)
+    for i, layer in enumerate(layers):
+        ed = make_editor(editor, lm, **{**(hparams or {}), "layer": layer})
+        (_, mtype), = ed.edited_matrices()
+        w0 = lm.spec.weight(lm.model, layer, mtype).detach().clone()
+        for j, rec in enumerate(records):
+            t = time.perf_counter()
+            ed.apply([to_request(rec)])
+            secs[i, j] = time.perf_counter() - t
+            s = record_scores(lm, [rec])
+            es[i, j], ps[i, j], ns[i, j] = s["es"][0], s["ps"][0], s["ns"][0]
+            with torch.no_grad():
+                lm.spec.weight(lm.model, layer, mtype).copy_(w0)
+            bar.update()
+    bar.close()
+    ds = xr.Dataset(
+        {
+            "es": (("layer", "fact"), es), "ps": (("layer", "fact"), ps), "ns": (("layer", "fact"), ns),
+            "edit_seconds": (("layer", "fact"), secs),
+            "es_unedited": ("fact", base["es"]), "ps_unedited": ("fact", base["ps"]),
+            "ns_unedited": ("fact", base["ns"]),
+            "case_id": ("fact", np.array([r.case_id for r in records])),
+        },
+        coords={"layer": np.array(layers), "fact": np.arange(len(records))},
+    )
+    ds["score"] = ("layer", np.array([
+        harmonic_mean(ds.es.sel(layer=l).mean(), ds.ps.sel(layer=l).mean(), ds.ns.sel(layer=l).mean())
+        for l in layers
+    ]))
+    ds["score"].attrs["long_name"] = "harmonic mean of mean ES, PS, NS over facts"
+    return ds
+
+
+def best_layer(ds: xr.Dataset) -> int:
+    """The layer with the highest overall score S (ties: the earliest)."""
+    return int(ds["layer"][int(np.argmax(ds["score"].values))])

@@ -1,0 +1,102 @@
+"""Run a profile of the study: each run is a notebook executed by papermill with its parameters,
+writing a NetCDF file under ``data/runs/`` and leaving the executed notebook in ``book/runs/`` for
+the book. Runs whose file and executed notebook exist are skipped.
+
+    python -m repro.study --profile default [--only ID ...] [--force] [--list]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .paths import ROOT, from_root
+
+PROFILES = ROOT / "study.yaml"
+EXECUTED = ROOT / "book" / "runs"
+
+
+@dataclass
+class Run:
+    id: str
+    notebook: str
+    parameters: dict
+
+    @property
+    def output(self) -> Path:
+        return from_root(self.parameters["output"])
+
+    @property
+    def executed(self) -> Path:
+        return EXECUTED / f"{self.id}.ipynb"
+
+    def done(self) -> bool:
+        return self.output.exists() and self.executed.exists()
+
+
+def load_profile(name: str, path: Path = PROFILES) -> list[Run]:
+    table = yaml.safe_load(path.read_text())
+    if name not in table:
+        raise ValueError(f"unknown profile {name!r}; known: {', '.join(sorted(table))}")
+    runs = []
+    for i, entry in enumerate(table[name]):
+        missing = {"id", "notebook", "parameters"} - set(entry)
+        if missing or "output" not in entry.get("parameters", {}):
+            raise ValueError(f"profile {name!r} run #{i}: needs id, notebook and parameters.output "
+                             f"(missing {sorted(missing) or ['parameters.output']})")
+        runs.append(Run(entry["id"], entry["notebook"], dict(entry["parameters"])))
+    ids = [r.id for r in runs]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"profile {name!r} has duplicate run ids")
+    return runs
+
+
+def execute(run: Run, force: bool = False) -> None:
+    import papermill as pm
+
+    params = dict(run.parameters)
+    if force:
+        params["overwrite"] = True
+    run.executed.parent.mkdir(parents=True, exist_ok=True)
+    tmp = run.executed.with_name(f".{run.executed.name}.tmp.ipynb")
+    pm.execute_notebook(
+        str(from_root(run.notebook)), str(tmp), parameters=params, cwd=str(ROOT),
+        kernel_name="python3", progress_bar=True,
+    )
+    tmp.replace(run.executed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m repro.study", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="default")
+    ap.add_argument("--only", nargs="*", help="run ids to run (default: all of the profile)")
+    ap.add_argument("--force", action="store_true", help="rerun even when results exist")
+    ap.add_argument("--list", action="store_true", help="list the runs and whether they are done")
+    args = ap.parse_args(argv)
+    runs = load_profile(args.profile)
+    if args.only:
+        unknown = set(args.only) - {r.id for r in runs}
+        if unknown:
+            ap.error(f"unknown run ids {sorted(unknown)}")
+        runs = [r for r in runs if r.id in args.only]
+    for run in runs:
+        status = "done" if run.done() else "missing"
+        if args.list:
+            print(f"{run.id:<40} {status:<8} {run.output.relative_to(ROOT)}")
+            continue
+        if run.done() and not args.force:
+            print(f"[skip] {run.id}: {run.output.relative_to(ROOT)} exists")
+            continue
+        print(f"[run]  {run.id}: {run.notebook} -> {run.output.relative_to(ROOT)}", flush=True)
+        t0 = time.perf_counter()
+        execute(run, force=args.force)
+        print(f"[done] {run.id} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

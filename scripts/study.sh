@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up the environment, run every run of the study profile whose results are missing, then
+# build the book from the run files.   PROFILE=default bash scripts/study.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+. "${NORMGROWTH_VENV:-.venv}/bin/activate"
+export MPLBACKEND=Agg TRANSFORMERS_VERBOSITY=error
+python -m repro.study --profile "${PROFILE:-default}"
+jupyter-book build book/
+echo "book: $(pwd)/_build/html/index.html"

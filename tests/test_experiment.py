@@ -1,0 +1,99 @@
+"""The sequential run: what it records, parameter checks, resume after an interruption."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from repro import experiment
+from repro.experiment import SequentialParams, run_sequential, select_requests
+from repro.data.counterfact import load_records
+from repro.paths import from_root
+
+CHEAP = {"v_steps": 3, "stats_tokens": 4000, "n_prefix_short": 1, "n_prefix_long": 1}
+
+
+def params(tmp_path, **kw):
+    base = dict(editor="r-rome", n_edits=3, checkpoint_every=1, output=str(tmp_path / "run.nc"), hparams=CHEAP)
+    base.update(kw)
+    return SequentialParams(**base)
+
+
+@pytest.mark.parametrize("field,value", [("n_edits", 0), ("batch_size", -1), ("split", "test"), ("output", "x.txt")])
+def test_bad_parameters_are_rejected(tmp_path, field, value):
+    with pytest.raises(ValueError, match=field if field != "output" else "nc"):
+        run_sequential(dataclasses.replace(params(tmp_path), **{field: value}))
+
+
+def test_selection_is_seeded_and_split_disjoint():
+    records = load_records(from_root("data/facts/smollm2-135m.json"))
+    a = select_requests(records, 30, seed=1)
+    assert [r.case_id for r in a] == [r.case_id for r in select_requests(records, 30, seed=1)]
+    assert [r.case_id for r in a] != [r.case_id for r in select_requests(records, 30, seed=2)]
+    train = {r.case_id for r in select_requests(records, 30, seed=1, split="train")}
+    assert train.isdisjoint(r.case_id for r in a)
+    assert len({r.subject for r in a}) == 30
+    with pytest.raises(ValueError, match="distinct-subject"):
+        select_requests(records, 10**6, seed=0)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """An uninterrupted 3-edit run (each run loads its own copy of the model)."""
+    p = params(tmp_path_factory.mktemp("full"))
+    return p, run_sequential(p, progress=False)
+
+
+def test_run_records_norms_and_edits(finished):
+    p, ds = finished
+    assert ds.sizes["edit"] == 3 and list(ds["step"].values) == [0, 1, 2, 3]
+    assert ds["edited"].sum() == 1
+    layer = int(ds["layer"][ds["edited"].any("matrix")].item())
+    edited = ds["weight_norm"].sel(layer=layer, matrix="mlp_down")
+    assert (edited.diff("step") != 0).all()  # every edit changes the edited matrix
+    untouched = ds["weight_norm"].where(ds["edited"] == 0)
+    assert float(abs(untouched - untouched.isel(step=0)).max()) == 0.0  # and nothing else
+    assert (ds["delta_norm"] > 0).all()
+    assert set(ds["efficacy"].values) <= {0, 1}
+    assert ds.attrs["editor"] == "r-rome" and "v_steps" in ds.attrs["hparams"]
+    assert float(ds.attrs["wall_time_s"]) > 0
+
+
+def test_finished_run_is_reused_not_redone(finished, monkeypatch):
+    p, ds = finished
+    monkeypatch.setattr(experiment, "load_model", lambda *a, **k: pytest.fail("reloaded"))
+    xr.testing.assert_equal(run_sequential(p), ds)
+    with pytest.raises(FileExistsError):
+        run_sequential(dataclasses.replace(p, seed=5))
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, finished, monkeypatch):
+    _, full = finished
+    p = params(tmp_path)
+    real = experiment.make_editor
+
+    def flaky(*a, **k):
+        editor = real(*a, **k)
+        apply, calls = editor.apply, []
+
+        def apply_once_then_fail(reqs):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return apply(reqs)
+
+        editor.apply = apply_once_then_fail
+        return editor
+
+    monkeypatch.setattr(experiment, "make_editor", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_sequential(p, progress=False)
+    assert not (tmp_path / "run.nc").exists()
+    assert (tmp_path / "run.nc.state.pt").exists()
+    monkeypatch.setattr(experiment, "make_editor", real)
+    resumed = run_sequential(p, progress=False)  # loads a fresh model, restores the checkpoint
+    assert not (tmp_path / "run.nc.state.pt").exists()
+    np.testing.assert_allclose(resumed["weight_norm"], full["weight_norm"], rtol=1e-6)
+    np.testing.assert_array_equal(resumed["case_id"], full["case_id"])
