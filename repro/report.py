@@ -7,7 +7,7 @@ import xarray as xr
 
 def edited_norms(ds: xr.Dataset) -> xr.DataArray:
     """‖W‖_F over steps of each edited matrix, dims ("step", "edited"), labelled "layer:matrix"."""
-    pairs = [(int(l), str(m)) for l, m in zip(*np.nonzero(ds["edited"].values))]
+    pairs = [(int(l), int(m)) for l, m in zip(*np.nonzero(ds["edited"].values))]
     layers = ds["layer"].values
     mats = ds["matrix"].values
     cols = [ds["weight_norm"].sel(layer=layers[l], matrix=mats[m]).values for l, m in pairs]

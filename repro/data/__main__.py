@@ -1,0 +1,60 @@
+"""Command line: ``python -m repro.data build-facts|build-text``."""
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m repro.data", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    facts = sub.add_parser("build-facts", help="build CounterFact-format records checked against a model")
+    facts.add_argument("--model", default="smollm2-135m")
+    facts.add_argument("--bigbench", type=Path,
+                       help="BIG-bench tarball (default: cache, downloaded if missing)")
+    facts.add_argument("--out", type=Path, help="output JSON (default: data/facts/<model>.json)")
+    facts.add_argument("--seed", type=int, default=0)
+    facts.add_argument("--max-checked", type=int, default=1500, help="facts checked per relation")
+    facts.add_argument("--batch-size", type=int, default=48)
+    text = sub.add_parser("build-text", help="regenerate data/text/wiki_{train,test}.txt")
+    text.add_argument("--bigbench", type=Path)
+    text.add_argument("--out-dir", type=Path, help="default: data/text")
+    return parser
+
+
+def _print_summary(summary: dict[str, dict[str, int]]) -> None:
+    from repro.data.build_facts import RELATIONS
+
+    print(f"{'relation':<32}{'facts':>7}{'checked':>9}{'known':>7}{'kept%':>7}{'records':>9}")
+    for rid, row in summary.items():
+        share = 100 * row["known"] / max(row["checked"], 1)
+        name = f"{rid} {RELATIONS[rid].name}"
+        counts = f"{row['facts']:>7}{row['checked']:>9}{row['known']:>7}"
+        print(f"{name:<32}{counts}{share:>6.0f}%{row['records']:>9}")
+    print(f"{'total':<32}{'':>30}{sum(r['records'] for r in summary.values()):>9}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    start = time.time()
+    if args.command == "build-facts":
+        from repro.data.build_facts import build_facts
+
+        out = args.out or REPO / "data" / "facts" / f"{args.model}.json"
+        summary = build_facts(args.model, out, args.bigbench, args.seed, args.max_checked, args.batch_size)
+        _print_summary(summary)
+        print(f"wrote {out} in {time.time() - start:.0f} s")
+    else:
+        from repro.data.text import build_text
+
+        counts = build_text(args.bigbench, args.out_dir)
+        print(f"paragraphs: {counts} ({time.time() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
