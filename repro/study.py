@@ -38,8 +38,12 @@ class Run:
         return self.output.exists() and self.executed.exists()
 
 
-def load_profile(name: str, path: Path = PROFILES) -> list[Run]:
-    table = yaml.safe_load(path.read_text())
+def _show(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def load_profile(name: str, path: Path | None = None) -> list[Run]:
+    table = yaml.safe_load((path or PROFILES).read_text())
     if name not in table:
         raise ValueError(f"unknown profile {name!r}; known: {', '.join(sorted(table))}")
     runs = []
@@ -65,7 +69,7 @@ def execute(run: Run, force: bool = False) -> None:
     tmp = run.executed.with_name(f".{run.executed.name}.tmp.ipynb")
     pm.execute_notebook(
         str(from_root(run.notebook)), str(tmp), parameters=params, cwd=str(ROOT),
-        kernel_name="python3", progress_bar=True,
+        kernel_name="python3", progress_bar=True, log_output=True,
     )
     tmp.replace(run.executed)
 
@@ -86,12 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         status = "done" if run.done() else "missing"
         if args.list:
-            print(f"{run.id:<40} {status:<8} {run.output.relative_to(ROOT)}")
+            print(f"{run.id:<40} {status:<8} {_show(run.output)}")
             continue
         if run.done() and not args.force:
-            print(f"[skip] {run.id}: {run.output.relative_to(ROOT)} exists")
+            print(f"[skip] {run.id}: {_show(run.output)} exists")
             continue
-        print(f"[run]  {run.id}: {run.notebook} -> {run.output.relative_to(ROOT)}", flush=True)
+        print(f"[run]  {run.id}: {run.notebook} -> {_show(run.output)}", flush=True)
         t0 = time.perf_counter()
         execute(run, force=args.force)
         print(f"[done] {run.id} in {time.perf_counter() - t0:.0f} s", flush=True)
