@@ -9,6 +9,7 @@ parameters differ or ``overwrite`` is set.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import random
 import time
@@ -28,6 +29,7 @@ from .measure.rewrite import compare_targets, prefers_new
 from .models import LoadedModel, load_model
 from .paths import from_root
 
+log = logging.getLogger(__name__)
 SPLITS = ("eval", "train")
 
 
@@ -124,6 +126,9 @@ def run_sequential(params: SequentialParams, overwrite: bool = False, progress: 
                 for (layer, mtype), w in zip(edited, saved["weights"]):
                     lm.spec.weight(lm.model, layer, mtype).copy_(w.to(lm.device))
             editor.load_state_dict(saved["editor"])
+            log.info("resuming %s after %d edits", output.name, state["done"])
+        else:
+            log.warning("ignoring %s: it was made with other parameters", state_file)
     t0 = time.perf_counter() - state["elapsed"]
 
     def checkpoint():
@@ -165,7 +170,7 @@ def run_sequential(params: SequentialParams, overwrite: bool = False, progress: 
     bar.close()
 
     final_new, final_true = _edit_scores(lm, requests)
-    ds = _to_dataset(lm, params, state, edited, final_new, final_true, editor)
+    ds = _to_dataset(lm, state, edited, final_new, final_true)
     ds.attrs.update(store.provenance(
         pdict, str(lm.device), run_id=output.stem, model=params.model, editor=params.editor,
         edited_matrices=[f"{l}:{m}" for l, m in edited], facts_file=params.facts,
@@ -177,7 +182,7 @@ def run_sequential(params: SequentialParams, overwrite: bool = False, progress: 
     return ds
 
 
-def _to_dataset(lm, params, state, edited, final_new, final_true, editor) -> xr.Dataset:
+def _to_dataset(lm, state, edited, final_new, final_true) -> xr.Dataset:
     rows = state["rows"]
     edit = np.arange(1, len(rows) + 1)
     col = lambda k: np.array([r[k] for r in rows])  # noqa: E731
