@@ -23,7 +23,7 @@ def summarize_run(ds: xr.Dataset, decimals: int = 3) -> str:
     n = int(ds.sizes["edit"])
     lines = [
         f"run {ds.attrs.get('run_id', '?')}: editor={ds.attrs.get('editor')} model={ds.attrs.get('model')} "
-        f"edits={n} edited={list(en['edited'].values)}",
+        f"edits={n} edited={[str(x) for x in en['edited'].values]}",
         f"efficacy right after each edit: {ds['efficacy'].mean().item():.{decimals}f}",
         f"efficacy of all edits at the end: {ds['efficacy_final'].mean().item():.{decimals}f}",
     ]
