@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . "${NORMGROWTH_VENV:-.venv}/bin/activate"
-export MPLBACKEND=Agg TRANSFORMERS_VERBOSITY=error
+export TRANSFORMERS_VERBOSITY=error
 python -m repro.study --profile "${PROFILE:-default}"
 jupyter-book build book/
 echo "book: $(pwd)/_build/html/index.html"

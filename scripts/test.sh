@@ -5,6 +5,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # shellcheck disable=SC1091
 . "${NORMGROWTH_VENV:-.venv}/bin/activate"
-export MPLBACKEND=Agg TRANSFORMERS_VERBOSITY=error
+export TRANSFORMERS_VERBOSITY=error
 python -m pytest --nbval --nbval-current-env --nbval-sanitize-with notebooks/sanitize.cfg \
   --nbval-cell-timeout 1200 tests notebooks "$@"
