@@ -6,11 +6,12 @@ from .base import Editor, EditResult, load_hparams
 from .finetune import FTL, FTM
 from .lora import LoRAEditor
 from .memit import EMMET, ENCORE, MEMIT, AlphaEdit
+from .mend import MEND  # never import .mend_train here: it imports this package
 from .rome import ROME, RROME
 
 EDITORS: dict[str, type[Editor]] = {
     "rome": ROME, "r-rome": RROME, "memit": MEMIT, "emmet": EMMET, "alphaedit": AlphaEdit, "encore": ENCORE,
-    "ft-l": FTL, "ft-m": FTM, "lora": LoRAEditor,
+    "ft-l": FTL, "ft-m": FTM, "lora": LoRAEditor, "mend": MEND,
 }
 
 
