@@ -100,11 +100,13 @@ def profile_runs(notebook: str, profile: str = "default") -> tuple[dict, list[st
 
 def norm_growth_table(runs: dict) -> str:
     """Per run: edits, batch, edited matrices, mean ‖W‖ of the edited matrices before → after and
-    the ratio, the largest unedited matrix of that type, efficacy right after and at the end."""
+    the ratio, the largest per-layer ratio, the share of measurement steps after which an edited
+    matrix's norm was higher than before, the largest unedited matrix of that type, efficacy right
+    after and at the end."""
     import json
 
     head = (f"{'editor':<10} {'edits':>5} {'batch':>5} {'edited':<22} {'norm before':>11} {'after':>8} "
-            f"{'ratio':>6} {'max unedited':>12} {'ES now':>6} {'ES end':>6}")
+            f"{'ratio':>6} {'max ratio':>9} {'rises':>5} {'max unedited':>12} {'ES now':>6} {'ES end':>6}")
     rows = [head]
     for ds, _ in runs.values():
         en = edited_norms(ds)
@@ -113,9 +115,13 @@ def norm_growth_table(runs: dict) -> str:
         layers = ",".join(str(x).split(":")[0] for x in en["edited"].values)
         params = json.loads(ds.attrs.get("params", "{}"))
         before, after = float(en.isel(step=0).mean()), float(en.isel(step=-1).mean())
+        vals = en.transpose("step", ...).values
+        max_ratio = float((vals[-1] / vals[0]).max())
+        rises = float((np.diff(vals, axis=0) > 0).mean())
         rows.append(
             f"{display_name(str(ds.attrs.get('editor'))):<10} {ds.sizes['edit']:>5} {params.get('batch_size', 1):>5} "
             f"{('L' + layers + ' ' + mtype)[:22]:<22} {before:>11.2f} {after:>8.2f} {after / before:>6.3f} "
+            f"{max_ratio:>9.3f} {rises:>5.2f} "
             f"{float(unedited.isel(step=-1).max()):>12.2f} {float(ds['efficacy'].mean()):>6.2f} "
             f"{float(ds['efficacy_final'].mean()):>6.2f}"
         )
