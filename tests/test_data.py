@@ -230,3 +230,27 @@ def test_cached_scoring_matches_full_sequences() -> None:
                 logp = torch.log_softmax(model(ids).logits[0], -1)
                 want = -sum(logp[2 + j, t[j]].item() for j in range(len(t))) / len(t)
                 assert got[b][c] == pytest.approx(want, abs=1e-4)
+
+
+def test_bigbench_link_is_read_from_the_simple_index(monkeypatch):
+    import io
+
+    from repro.data import sources
+
+    page = (b'<a href="https://files.example/aa/bigbench-0.0.1.tar.gz#sha256=00">bigbench-0.0.1.tar.gz</a>'
+            b'<a href="../../packages/bigbench-1.0.0.tar.gz#sha256=11">bigbench-1.0.0.tar.gz</a>')
+
+    class Resp(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    seen = []
+    monkeypatch.setattr(sources.urllib.request, "urlopen", lambda url, timeout=0: seen.append(url) or Resp(page))
+    assert sources.tarball_url("https://idx.example/simple/") == "https://idx.example/packages/bigbench-1.0.0.tar.gz"
+    assert seen == ["https://idx.example/simple/bigbench/"]
+    monkeypatch.setattr(sources.urllib.request, "urlopen", lambda url, timeout=0: Resp(page[:80]))
+    with pytest.raises(FileNotFoundError, match="not listed"):
+        sources.tarball_url("https://idx.example/simple")

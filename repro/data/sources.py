@@ -1,22 +1,28 @@
 """The BIG-bench source package, fetched with pip and read with ``tarfile``.
 
 BIG-bench 1.0.0 (Apache-2.0) ships its task data inside the PyPI source distribution. The package
-itself is never installed (its dependencies are heavy): ``pip download --no-deps`` saves the
-358 MB tarball under ``$NORMGROWTH_CACHE/sources/`` and members are read straight from it. Members
-read once are cached next to it, so later reads skip the scan of the compressed archive.
+itself is never installed (its dependencies are heavy): the 358 MB tarball is fetched from the
+package index's simple page (PEP 503; ``$NORMGROWTH_PYPI_INDEX``, default https://pypi.org/simple),
+checked against its published sha256 and saved under ``$NORMGROWTH_CACHE/sources/``; members are
+read straight from it. (``pip download`` cannot fetch it: recent pip versions reject the package's
+metadata, which declares a direct-URL dependency.) Members read once are cached next to it, so
+later reads skip the scan of the compressed archive.
 """
 from __future__ import annotations
 
 import logging
-import subprocess
-import sys
+import hashlib
+import os
+import re
 import tarfile
+import urllib.request
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 BIGBENCH_VERSION = "1.0.0"
 TARBALL_NAME = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
+TARBALL_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"  # as published on PyPI
 TASKS_PREFIX = "bigbench/benchmark_tasks/"  # member names below are relative to this folder
 
 
@@ -29,17 +35,35 @@ def sources_dir() -> Path:
     return path
 
 
-def download_bigbench(dest: Path) -> Path:
-    """``pip download`` the BIG-bench source tarball into ``dest``; returns its path."""
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-        f"bigbench=={BIGBENCH_VERSION}", "-d", str(dest),
-    ]
-    log.info("downloading BIG-bench %s (358 MB): %s", BIGBENCH_VERSION, " ".join(cmd))
-    subprocess.run(cmd, check=True)
+def tarball_url(index: str | None = None) -> str:
+    """The tarball's download link, read from the index's simple page for ``bigbench``."""
+    index = (index or os.environ.get("NORMGROWTH_PYPI_INDEX") or "https://pypi.org/simple").rstrip("/")
+    with urllib.request.urlopen(f"{index}/bigbench/", timeout=60) as resp:
+        page = resp.read().decode("utf-8", "replace")
+    for href in re.findall(r'href="([^"]+)"', page):
+        if href.split("#")[0].endswith("/" + TARBALL_NAME) or href.split("#")[0] == TARBALL_NAME:
+            return urllib.request.urljoin(f"{index}/bigbench/", href.split("#")[0])
+    raise FileNotFoundError(f"{TARBALL_NAME} is not listed on {index}/bigbench/")
+
+
+def download_bigbench(dest: Path, url: str | None = None) -> Path:
+    """Download the BIG-bench source tarball into ``dest``, verify its sha256; returns its path."""
+    url = url or tarball_url()
+    dest.mkdir(parents=True, exist_ok=True)
     path = dest / TARBALL_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"pip download finished but {path} is missing")
+    tmp = dest / f".{TARBALL_NAME}.{os.getpid()}.part"
+    log.info("downloading BIG-bench %s (358 MB) from %s", BIGBENCH_VERSION, url)
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=120) as resp, open(tmp, "wb") as fh:
+            while chunk := resp.read(1 << 20):
+                digest.update(chunk)
+                fh.write(chunk)
+        if digest.hexdigest() != TARBALL_SHA256:
+            raise ValueError(f"{url}: sha256 {digest.hexdigest()} differs from the published {TARBALL_SHA256}")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
