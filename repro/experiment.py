@@ -43,6 +43,8 @@ class SequentialParams:
     facts: str = "data/facts/smollm2-135m.json"
     split: str = "eval"  # "train" facts are kept for meta-training (MEND), never evaluated on
     norm_every: int = 1  # measure all weight norms every k edits (and before/after)
+    measure_every: int = 0  # 0: off; k: edit quality, downstream, activations every k edits (and before/after)
+    measure: dict = field(default_factory=dict)  # repro.measure.checkpoint.MeasureParams overrides
     checkpoint_every: int = 10
     output: str = "data/runs/smoke_rome.nc"
     device: str | None = None
@@ -54,6 +56,10 @@ class SequentialParams:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.measure_every < 0:
+            raise ValueError(f"measure_every must be >= 0 (0: off), got {self.measure_every}")
+        if self.measure and not self.measure_every:
+            raise ValueError("measure options given but measure_every is 0 (measurements off)")
         if not str(self.output).endswith(".nc"):
             raise ValueError(f"output must be a .nc file, got {self.output!r}")
 
@@ -87,6 +93,25 @@ def select_requests(records: list[Record], n: int, seed: int, split: str = "eval
     return [to_request(r) for r in select_records(records, n, seed, split)]
 
 
+def held_out_records(records: list[Record], chosen: list[Record], n: int, seed: int,
+                     split: str = "eval") -> list[Record]:
+    """``n`` records of ``split`` that a run never edits (no chosen case and no chosen subject), in a
+    seeded order: the unedited facts whose recall a run measures."""
+    cases = {r.case_id for r in chosen}
+    subjects = {r.requested_rewrite.subject for r in chosen}
+    pool = [r for r in records if split_of(r) == split and r.case_id not in cases
+            and r.requested_rewrite.subject not in subjects]
+    random.Random(f"held-out-{seed}").shuffle(pool)
+    if len(pool) < n:
+        raise ValueError(f"only {len(pool)} unedited facts in split {split!r}, {n} requested")
+    return pool[:n]
+
+
+def _crossed(done: int, batch: int, every: int) -> bool:
+    """Whether the edit count passed a multiple of ``every`` with the last batch of ``batch`` facts."""
+    return done // every != (done - batch) // every
+
+
 def _state_path(output: Path) -> Path:
     return output.with_name(output.name + ".state.pt")
 
@@ -112,34 +137,68 @@ def run_sequential(params: SequentialParams, overwrite: bool = False, progress: 
         return done
 
     lm = load_model(params.model, device=params.device)
-    requests = select_requests(load_records(from_root(params.facts)), params.n_edits, params.seed, params.split)
+    all_records = load_records(from_root(params.facts))
+    records = select_records(all_records, params.n_edits, params.seed, params.split)
+    requests = [to_request(r) for r in records]
     editor = make_editor(params.editor, lm, **params.hparams)
+    editor.prepare()  # statistics and prefixes from the unedited model, also when resuming
     edited = editor.edited_matrices()
     state_file = _state_path(output)
+    weight = lambda l, m: lm.spec.weight(lm.model, l, m)  # noqa: E731
 
-    state = {"params": pdict, "done": 0, "rows": [], "norm_steps": [], "norms": [], "elapsed": 0.0}
+    state = {"params": pdict, "done": 0, "rows": [], "norm_steps": [], "norms": [], "drift": [],
+             "elapsed": 0.0, "measures": [], "measure_seconds": 0.0,
+             "weights0": [weight(l, m).detach().cpu().clone() for l, m in edited]}
     if state_file.exists():
         saved = torch.load(state_file, weights_only=False)
         if saved["params"] == pdict:
             state = saved
             with torch.no_grad():
                 for (layer, mtype), w in zip(edited, saved["weights"]):
-                    lm.spec.weight(lm.model, layer, mtype).copy_(w.to(lm.device))
+                    weight(layer, mtype).copy_(w.to(lm.device))
             editor.load_state_dict(saved["editor"])
             log.info("resuming %s after %d edits", output.name, state["done"])
         else:
             log.warning("ignoring %s: it was made with other parameters", state_file)
     t0 = time.perf_counter() - state["elapsed"]
 
+    measurer = None
+    if params.measure_every:
+        from .measure.checkpoint import MeasureParams, Measurer
+
+        mp = MeasureParams(**params.measure)
+        held_out = held_out_records(all_records, records, mp.n_recall, params.seed, params.split)
+        measurer = Measurer(lm, records, held_out, edited, mp, seed=params.seed)
+        # the reference (unedited) activations: swap the original weights in while taking them
+        current = [weight(l, m).detach().clone() for l, m in edited]
+        with torch.no_grad():
+            for (l, m), w in zip(edited, state["weights0"]):
+                weight(l, m).copy_(w.to(lm.device))
+            measurer.set_reference()
+            for (l, m), w in zip(edited, current):
+                weight(l, m).copy_(w)
+
+    def measure_now():
+        t = time.perf_counter()
+        state["measures"].append(measurer.measure(state["done"]))
+        state["measure_seconds"] += time.perf_counter() - t
+
     def checkpoint():
         state["elapsed"] = time.perf_counter() - t0
-        state["weights"] = [lm.spec.weight(lm.model, l, m).detach().cpu().clone() for l, m in edited]
+        state["weights"] = [weight(l, m).detach().cpu().clone() for l, m in edited]
         state["editor"] = editor.state_dict()
         _save_state(state_file, state)
 
-    if state["done"] == 0 and not state["norm_steps"]:
-        state["norm_steps"].append(0)
+    def record_norms():
+        state["norm_steps"].append(state["done"])
         state["norms"].append(weight_norms(lm).values)
+        state["drift"].append([float(torch.linalg.vector_norm((weight(l, m).detach().cpu() - w0).double()))
+                               for (l, m), w0 in zip(edited, state["weights0"])])
+
+    if state["done"] == 0 and not state["norm_steps"]:
+        record_norms()
+    if measurer is not None and state["done"] == 0 and not state["measures"]:
+        measure_now()
 
     bar = tqdm(total=params.n_edits, initial=state["done"], desc=f"{params.editor} edits", disable=not progress)
     while state["done"] < params.n_edits:
@@ -161,21 +220,29 @@ def run_sequential(params: SequentialParams, overwrite: bool = False, progress: 
                 "v_steps": info.get("v_steps", np.nan),
             })
         state["done"] += len(batch)
-        if state["done"] % params.norm_every == 0 or state["done"] == params.n_edits:
-            state["norm_steps"].append(state["done"])
-            state["norms"].append(weight_norms(lm).values)
-        if state["done"] % params.checkpoint_every < len(batch) or state["done"] == params.n_edits:
+        last = state["done"] == params.n_edits
+        if _crossed(state["done"], len(batch), params.norm_every) or last:
+            record_norms()
+        if measurer is not None and (_crossed(state["done"], len(batch), params.measure_every) or last):
+            measure_now()
+        if _crossed(state["done"], len(batch), params.checkpoint_every) or last:
             checkpoint()
         bar.update(len(batch))
     bar.close()
 
     final_new, final_true = _edit_scores(lm, requests)
     ds = _to_dataset(lm, state, edited, final_new, final_true)
+    if state["measures"]:
+        measures = xr.concat(state["measures"], dim="ckpt", data_vars="minimal", coords="minimal",
+                             compat="override", join="outer")
+        ds = xr.merge([ds, measures], combine_attrs="drop_conflicts", compat="no_conflicts", join="outer")
     ds.attrs.update(store.provenance(
         pdict, str(lm.device), run_id=output.stem, model=params.model, editor=params.editor,
         edited_matrices=[f"{l}:{m}" for l, m in edited], facts_file=params.facts,
         hparams=dataclasses.asdict(editor.hp) if dataclasses.is_dataclass(editor.hp) else {},
         wall_time_s=round(time.perf_counter() - t0, 2),
+        measure_time_s=round(state["measure_seconds"], 2),
+        measure_params=dataclasses.asdict(measurer.params) if measurer is not None else {},
     ))
     store.write_netcdf(ds, output)
     state_file.unlink(missing_ok=True)
@@ -194,6 +261,7 @@ def _to_dataset(lm, state, edited, final_new, final_true) -> xr.Dataset:
     ds = xr.Dataset(
         {
             "weight_norm": (("step", "layer", "matrix"), np.stack(state["norms"])),
+            "drift_norm": (("step", "edited_matrix"), np.array(state["drift"], dtype=float)),
             "edited": (("layer", "matrix"), mask),
             "delta_norm": ("edit", col("delta_norm").astype(float)),
             "nll_new_pre": ("edit", col("nll_new_pre").astype(float)),
@@ -210,9 +278,10 @@ def _to_dataset(lm, state, edited, final_new, final_true) -> xr.Dataset:
             "target_true": ("edit", col("target_true").astype(str)),
         },
         coords={"step": np.array(state["norm_steps"]), "layer": np.arange(lm.n_layers),
-                "matrix": matrices, "edit": edit},
+                "matrix": matrices, "edit": edit, "edited_matrix": [f"{l}:{m}" for l, m in edited]},
     )
     ds["weight_norm"].attrs["long_name"] = "Frobenius norm after `step` edits"
+    ds["drift_norm"].attrs["long_name"] = "‖W_step − W_0‖_F of each edited matrix: how far the edits moved it"
     ds["delta_norm"].attrs["long_name"] = "Frobenius norm of the update made by the editor call ending at this edit"
     ds["efficacy"].attrs["long_name"] = "P(new) > P(true) on the rewrite prompt right after the edit"
     ds["efficacy_final"].attrs["long_name"] = "P(new) > P(true) on the rewrite prompt after all edits"

@@ -70,6 +70,10 @@ class ArchSpec:
     final_norm: str
     unembed: str
     transposed: frozenset[str] = field(default_factory=frozenset)
+    # the module inside a layer whose output is what the attention / MLP block adds to the residual
+    # stream, where that is not the block itself (Gemma 2/3 normalise the block's output first)
+    attn_write: str | None = None
+    mlp_write: str | None = None
 
     # -- module access -------------------------------------------------------------------
     def layer_modules(self, model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -97,6 +101,14 @@ class ArchSpec:
         if which == "layer":
             return f"{self.layers}.{layer}"
         return f"{self.layers}.{layer}.{getattr(self, which)}"
+
+    def residual_write_path(self, layer: int, which: str) -> str:
+        """Path of the module whose output the ``attn`` or ``mlp`` block of ``layer`` adds to the
+        residual stream: the block itself, or its post-norm where the family has one."""
+        if which not in ("attn", "mlp"):
+            raise ValueError(f"which must be 'attn' or 'mlp', not {which!r}")
+        inner = getattr(self, f"{which}_write") or getattr(self, which)
+        return f"{self.layers}.{layer}.{inner}"
 
     def base_model(self, model: torch.nn.Module) -> torch.nn.Module:
         return get_module(model, self.base)
@@ -133,7 +145,12 @@ _LLAMA_LIKE = dict(
 
 SPECS: dict[str, ArchSpec] = {
     "llama": ArchSpec(family="llama", **_LLAMA_LIKE),
-    "gemma3": ArchSpec(family="gemma3", **_LLAMA_LIKE),
+    "gemma3": ArchSpec(
+        family="gemma3",
+        attn_write="post_attention_layernorm",
+        mlp_write="post_feedforward_layernorm",
+        **_LLAMA_LIKE,
+    ),
     "gpt2": ArchSpec(
         family="gpt2",
         base="transformer",

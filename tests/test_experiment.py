@@ -21,7 +21,8 @@ def params(tmp_path, **kw):
     return SequentialParams(**base)
 
 
-@pytest.mark.parametrize("field,value", [("n_edits", 0), ("batch_size", -1), ("split", "test"), ("output", "x.txt")])
+@pytest.mark.parametrize("field,value", [("n_edits", 0), ("batch_size", -1), ("split", "test"), ("output", "x.txt"),
+                                         ("measure_every", -1)])
 def test_bad_parameters_are_rejected(tmp_path, field, value):
     with pytest.raises(ValueError, match=field if field != "output" else "nc"):
         run_sequential(dataclasses.replace(params(tmp_path), **{field: value}))
@@ -37,6 +38,30 @@ def test_selection_is_seeded_and_split_disjoint():
     assert len({r.subject for r in a}) == 30
     with pytest.raises(ValueError, match="distinct-subject"):
         select_requests(records, 10**6, seed=0)
+
+
+def test_measure_options_need_measure_every(tmp_path):
+    with pytest.raises(ValueError, match="measure_every is 0"):
+        run_sequential(params(tmp_path, measure={"n_recall": 5}))
+
+
+def test_held_out_facts_are_never_edited():
+    records = load_records(from_root("data/facts/smollm2-135m.json"))
+    chosen = experiment.select_records(records, 40, seed=3)
+    held = experiment.held_out_records(records, chosen, 50, seed=3)
+    assert len(held) == 50 and held == experiment.held_out_records(records, chosen, 50, seed=3)
+    assert {r.case_id for r in held}.isdisjoint(r.case_id for r in chosen)
+    assert {r.requested_rewrite.subject for r in held}.isdisjoint(r.requested_rewrite.subject for r in chosen)
+    assert all(experiment.split_of(r) == "eval" for r in held)
+    with pytest.raises(ValueError, match="unedited facts"):
+        experiment.held_out_records(records, chosen, 10**6, seed=3)
+
+
+@pytest.mark.parametrize("done,batch,every,expected", [
+    (10, 10, 10, True), (20, 10, 20, True), (10, 10, 20, False), (3, 1, 1, True), (25, 10, 20, True),
+    (15, 10, 20, False), (7, 7, 5, True), (9, 2, 5, False)])
+def test_crossed_multiple(done, batch, every, expected):
+    assert experiment._crossed(done, batch, every) is expected
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +81,10 @@ def test_run_records_norms_and_edits(finished):
     untouched = ds["weight_norm"].where(ds["edited"] == 0)
     assert float(abs(untouched - untouched.isel(step=0)).max()) == 0.0  # and nothing else
     assert (ds["delta_norm"] > 0).all()
+    drift = ds["drift_norm"].isel(edited_matrix=0)
+    assert float(drift[0]) == 0.0 and (drift[1:] > 0).all()
+    # one single-matrix edit: how far the matrix moved is the norm of that edit's update
+    np.testing.assert_allclose(float(drift[1]), float(ds["delta_norm"][0]), rtol=1e-4)
     assert set(ds["efficacy"].values) <= {0, 1}
     assert ds.attrs["editor"] == "r-rome" and "v_steps" in ds.attrs["hparams"]
     assert float(ds.attrs["wall_time_s"]) > 0

@@ -1,4 +1,4 @@
-"""Command line: ``python -m repro.data build-facts|build-text``."""
+"""Command line: ``python -m repro.data build-facts|build-text|build-tasks``."""
 from __future__ import annotations
 
 import argparse
@@ -23,6 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     text = sub.add_parser("build-text", help="regenerate data/text/wiki_{train,test}.txt")
     text.add_argument("--bigbench", type=Path)
     text.add_argument("--out-dir", type=Path, help="default: data/text")
+    tasks = sub.add_parser("build-tasks", help="regenerate the few-shot task files data/tasks/*.json")
+    tasks.add_argument("--bigbench", type=Path)
+    tasks.add_argument("--out-dir", type=Path, help="default: data/tasks")
+    tasks.add_argument("--seed", type=int, default=0)
+    tasks.add_argument("--only", nargs="+", help="build only these tasks")
     return parser
 
 
@@ -49,11 +54,18 @@ def main(argv: list[str] | None = None) -> None:
         summary = build_facts(args.model, out, args.bigbench, args.seed, args.max_checked, args.batch_size)
         _print_summary(summary)
         print(f"wrote {out} in {time.time() - start:.0f} s")
-    else:
+    elif args.command == "build-text":
         from repro.data.text import build_text
 
         counts = build_text(args.bigbench, args.out_dir)
         print(f"paragraphs: {counts} ({time.time() - start:.0f} s)")
+    else:
+        from repro.data.tasks import build_tasks
+
+        for name, task in build_tasks(args.bigbench, args.out_dir, args.seed, args.only).items():
+            print(f"{name}: {len(task.labels)} labels, {task.k} demonstrations, {len(task.test)} test "
+                  f"examples, chance {task.chance:.2f}")
+        print(f"done in {time.time() - start:.0f} s")
 
 
 if __name__ == "__main__":

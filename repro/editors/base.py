@@ -60,6 +60,11 @@ class Editor(ABC):
     def edited_matrices(self) -> list[tuple[int, str]]:
         """(layer, matrix type) of every matrix this editor may change."""
 
+    def prepare(self) -> None:
+        """Compute now, on the model as it is, what the editor would otherwise compute lazily at its
+        first edit from the model (statistics, context prefixes). A resumed run calls this before
+        putting the edited weights back, so that these match the uninterrupted run's."""
+
     def state_dict(self) -> dict[str, Any]:
         """Editor state needed to resume a sequence (beyond the model's weights)."""
         return {}

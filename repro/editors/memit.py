@@ -106,6 +106,10 @@ class MEMIT(Editor):
             return super().load_state_dict(state)
         self.prev_keys = {int(l): k.to(self.lm.device) for l, k in state.get("prev_keys", {}).items()}
 
+    def prepare(self) -> None:
+        self.C(self.layers[0])
+        self.templates  # noqa: B018 (computed and cached)
+
     # -- shared pieces ----------------------------------------------------------------------
     def C(self, layer: int) -> torch.Tensor:
         if self._C is None:

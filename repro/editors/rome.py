@@ -62,6 +62,9 @@ class ROME(Editor):
     def edited_matrices(self) -> list[tuple[int, str]]:
         return [(self.hp.layer, self.mtype)]
 
+    def prepare(self) -> None:
+        self.C, self.templates  # noqa: B018 (computed and cached)
+
     @property
     def C(self) -> torch.Tensor:
         if self._C is None:
