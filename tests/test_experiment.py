@@ -126,3 +126,17 @@ def test_interrupted_run_resumes_to_the_same_result(tmp_path, finished, monkeypa
     assert not (tmp_path / "run.nc.state.pt").exists()
     np.testing.assert_allclose(resumed["weight_norm"], full["weight_norm"], rtol=1e-6)
     np.testing.assert_array_equal(resumed["case_id"], full["case_id"])
+
+
+def test_compare_targets_fast_path_matches_teacher_forcing(tiny_lm):
+    from repro.measure.rewrite import compare_targets, target_nll
+
+    texts = ["The capital of France is", "Paris is in", "The language of Spain is", "Rome is the capital of"]
+    new = ["Berlin", "Mozambique and Zimbabwe", "Dutch", "Italy"]
+    true = ["Paris", "France", "Portuguese language of Brazil", "Germany"]
+    got_new, got_true = compare_targets(tiny_lm, texts, new, true, batch_size=3)
+    want = target_nll(tiny_lm, texts + texts, new + true)
+    np.testing.assert_allclose(got_new, want[:4], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got_true, want[4:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="texts"):
+        compare_targets(tiny_lm, texts, new[:2], true)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..editors.locate import encode_rows, logits_at
+from ..editors.locate import encode_rows, logits_at, target_ids
 from ..models import LoadedModel
 
 
@@ -22,12 +22,37 @@ def target_nll(lm: LoadedModel, texts: list[str], targets: list[str], batch_size
     return np.concatenate(out) if out else np.zeros(0)
 
 
+@torch.no_grad()
 def compare_targets(
-    lm: LoadedModel, texts: list[str], target_new: list[str], target_true: list[str]
+    lm: LoadedModel, texts: list[str], target_new: list[str], target_true: list[str], batch_size: int = 32
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(NLL of the new object, NLL of the true object) for each text, in one batched pass."""
-    nll = target_nll(lm, texts + texts, list(target_new) + list(target_true))
-    return nll[: len(texts)], nll[len(texts) :]
+    """(NLL of the new object, NLL of the true object) for each text.
+
+    Where both objects are one token each (most CounterFact-style pairs), one forward pass of the
+    prompt gives both: the two log-probabilities are read at its last position. Other rows are
+    teacher-forced once per object (:func:`target_nll`). Same numbers as scoring every row with
+    :func:`target_nll`, at about half the cost.
+    """
+    if not len(texts) == len(target_new) == len(target_true):
+        raise ValueError(f"{len(texts)} texts, {len(target_new)} new and {len(target_true)} true targets")
+    tok = lm.tokenizer
+    ids_new = [target_ids(tok, t) for t in target_new]
+    ids_true = [target_ids(tok, t) for t in target_true]
+    single = [i for i in range(len(texts)) if len(ids_new[i]) == 1 and len(ids_true[i]) == 1]
+    multi = [i for i in range(len(texts)) if not (len(ids_new[i]) == 1 and len(ids_true[i]) == 1)]
+    nll_new, nll_true = np.zeros(len(texts)), np.zeros(len(texts))
+    for start in range(0, len(single), batch_size):
+        rows = single[start : start + batch_size]
+        b = encode_rows(lm, [texts[i] for i in rows], [None] * len(rows))
+        lp = logits_at(lm, b, b.subject_idx.unsqueeze(1))[:, 0]  # (B, V) at each prompt's last token
+        pair = torch.tensor([[ids_new[i][0], ids_true[i][0]] for i in rows], device=lp.device)
+        got = -lp.gather(1, pair).cpu().numpy()
+        nll_new[rows], nll_true[rows] = got[:, 0], got[:, 1]
+    if multi:
+        nll = target_nll(lm, [texts[i] for i in multi] * 2,
+                         [target_new[i] for i in multi] + [target_true[i] for i in multi], batch_size)
+        nll_new[multi], nll_true[multi] = nll[: len(multi)], nll[len(multi) :]
+    return nll_new, nll_true
 
 
 def prefers_new(nll_new: np.ndarray, nll_true: np.ndarray) -> np.ndarray:

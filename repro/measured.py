@@ -1,0 +1,190 @@
+"""Figures F4-F7 and table T1: what sequential editing does to the model, from the checkpoint
+measurements stored in the run files (dimension ``ckpt``: number of edits made so far).
+
+Everything here reads run Datasets only; ``runs`` is a ``{run_id: (Dataset, path)}`` mapping as
+returned by :func:`measured_runs`.
+"""
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+import seaborn as sns
+import xarray as xr
+
+from .measure.rewrite import harmonic_mean
+from .report import display_name, edited_norms, profile_runs
+
+EDITOR_ORDER = ("rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "ft-l", "ft-m", "lora", "mend")
+
+
+def measured_runs(profile: str = "default") -> tuple[dict, list[str]]:
+    """The sequential runs of ``profile`` whose files hold checkpoint measurements, and the ids of
+    the sequential runs that do not (missing, or made without measurements)."""
+    runs, missing = profile_runs("notebooks/sequential_editing.ipynb", profile)
+    have = {rid: v for rid, v in runs.items() if "ckpt" in v[0].dims}
+    return have, missing + [rid for rid in runs if rid not in have]
+
+
+def editor_colors(runs: dict) -> dict[str, tuple]:
+    pal = sns.color_palette("tab10", n_colors=len(EDITOR_ORDER))
+    return {name: pal[i] for i, name in enumerate(EDITOR_ORDER)} | {
+        str(ds.attrs.get("editor")): pal[-1] for ds, _ in runs.values()
+        if str(ds.attrs.get("editor")) not in EDITOR_ORDER}
+
+
+def _label(ds: xr.Dataset) -> str:
+    return display_name(str(ds.attrs.get("editor")))
+
+
+def _lines(runs: dict, ax, value, ylabel: str, title: str):
+    colors = editor_colors(runs)
+    for ds, _ in runs.values():
+        y = value(ds)
+        ax.plot(ds["ckpt"].values, y, marker="o", ms=3, color=colors[str(ds.attrs.get("editor"))], label=_label(ds))
+    ax.set(xlabel="number of edits", ylabel=ylabel, title=title)
+    return ax
+
+
+# -- F4: downstream abilities ----------------------------------------------------------------
+def plot_downstream(runs: dict, axes=None):
+    """F4: few-shot accuracy per task and their mean, recall of never-edited facts and held-out
+    perplexity vs number of edits, one line per editor; chance levels dashed."""
+    first = next(iter(runs.values()))[0]
+    tasks = list(first["task"].values)
+    n = len(tasks) + 3
+    if axes is None:
+        _, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.2))
+    for ax, task in zip(axes, tasks):
+        _lines(runs, ax, lambda ds, t=task: ds["task_acc"].sel(task=t).values, "accuracy", f"{task} (few-shot)")
+        ax.axhline(float(first["task_chance"].sel(task=task)), color="0.4", ls="--", lw=1, label="chance")
+    _lines(runs, axes[len(tasks)], lambda ds: ds["task_mean_acc"].values, "mean accuracy", "tasks, mean")
+    axes[len(tasks)].axhline(float(first["task_chance"].mean()), color="0.4", ls="--", lw=1, label="chance")
+    _lines(runs, axes[len(tasks) + 1], lambda ds: ds["recall"].values, "share true > new",
+           "recall of unedited facts")
+    axes[len(tasks) + 1].axhline(0.5, color="0.4", ls="--", lw=1)
+    _lines(runs, axes[len(tasks) + 2], lambda ds: ds["perplexity"].values, "perplexity", "held-out Wikipedia")
+    axes[0].legend(frameon=False, fontsize=7)
+    return axes
+
+
+# -- F5: edit quality ------------------------------------------------------------------------
+def plot_edit_quality(runs: dict, axes=None):
+    """F5: efficacy, paraphrase, neighborhood score and their harmonic mean over all facts edited
+    so far, and generation entropy, vs number of edits, one line per editor."""
+    panels = [("es", "efficacy ES"), ("ps", "paraphrase PS"), ("ns", "neighborhood NS"), ("score", "S (harmonic mean)"),
+              ("gen_entropy_mean", "generation entropy (bits)")]
+    if axes is None:
+        _, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.2))
+    for ax, (var, title) in zip(axes, panels):
+        _lines(runs, ax, lambda ds, v=var: ds[v].values, title.split(" (")[0], title)
+        if var != "gen_entropy_mean":
+            ax.set_ylim(-0.02, 1.02)
+    axes[0].legend(frameon=False, fontsize=7)
+    return axes
+
+
+# -- F6: activation norms --------------------------------------------------------------------
+def relative_activation_norms(ds: xr.Dataset, sites=("resid", "attn", "mlp")) -> xr.DataArray:
+    """Mean activation norm per site, relative to the unedited model's (checkpoint 0), averaged
+    over layers: dims (ckpt, site)."""
+    norm = ds["act_norm"].sel(site=list(sites))
+    return (norm / norm.isel(ckpt=0)).mean("layer")
+
+
+def plot_activation_norms(runs: dict, axes=None, sites=("resid", "attn", "mlp")):
+    """F6a: mean norm of the residual stream, attention output and MLP output (relative to the
+    unedited model, mean over layers) vs number of edits, one line per editor."""
+    if axes is None:
+        _, axes = plt.subplots(1, len(sites), figsize=(3.5 * len(sites), 3.2))
+    for ax, site in zip(axes, sites):
+        _lines(runs, ax, lambda ds, s=site: relative_activation_norms(ds, sites).sel(site=s).values,
+               "‖h‖ / ‖h‖ unedited (mean over layers)", f"{site} norm")
+        ax.axhline(1.0, color="0.4", ls="--", lw=1)
+    axes[0].legend(frameon=False, fontsize=7)
+    return axes
+
+
+def plot_activation_norm_layers(ds: xr.Dataset, axes=None, sites=("resid", "attn", "mlp")):
+    """F6b for one run: per layer, the mean norm of each site before editing and after the last
+    edit, and each block's share of the residual stream (unedited vs edited)."""
+    if axes is None:
+        _, axes = plt.subplots(1, len(sites) + 1, figsize=(3.5 * (len(sites) + 1), 3.2))
+    first, last = ds.isel(ckpt=0), ds.isel(ckpt=-1)
+    edited_layers = ds["layer"].values[ds["edited"].any("matrix").values.astype(bool)]
+    for ax, site in zip(axes, sites):
+        ax.plot(ds["layer"], first["act_norm"].sel(site=site), color="0.3", label="unedited")
+        ax.plot(ds["layer"], last["act_norm"].sel(site=site), color="tab:red", label=f"after {int(last['ckpt'])} edits")
+        for l in edited_layers:
+            ax.axvline(l, color="tab:red", alpha=0.15, lw=4)
+        ax.set(xlabel="layer", ylabel="mean ‖h‖", title=f"{site}", yscale="log")
+    ax = axes[len(sites)]
+    for block, ls in (("attn", "-"), ("mlp", "--")):
+        ax.plot(ds["layer"], first["act_share"].sel(block=block), color="0.3", ls=ls, label=f"{block}, unedited")
+        ax.plot(ds["layer"], last["act_share"].sel(block=block), color="tab:red", ls=ls, label=f"{block}, edited")
+    ax.set(xlabel="layer", ylabel="‖block output‖ / ‖residual‖", title="share of the residual stream", yscale="log")
+    axes[0].legend(frameon=False, fontsize=7)
+    ax.legend(frameon=False, fontsize=7)
+    return axes
+
+
+# -- F7: subspaces ---------------------------------------------------------------------------
+def plot_subspaces(runs: dict, axes=None, site: str = "resid"):
+    """F7a: subspace overlap (mean cos² of the top-k principal angles), linear CKA and mean
+    cosine of matched activations, against the unedited model, mean over layers, vs edits."""
+    panels = [("subspace_overlap", "subspace overlap (mean cos²)"), ("cka", "linear CKA"), ("act_cosine", "mean cosine")]
+    if axes is None:
+        _, axes = plt.subplots(1, len(panels), figsize=(3.5 * len(panels), 3.2))
+    for ax, (var, title) in zip(axes, panels):
+        _lines(runs, ax, lambda ds, v=var: ds[v].sel(site=site).mean("layer").values, title, f"{site}: {title}")
+    axes[0].legend(frameon=False, fontsize=7)
+    return axes
+
+
+def plot_subspace_layers(runs: dict, ax=None, site: str = "resid", var: str = "subspace_overlap"):
+    """F7b: per layer, ``var`` after the last edit, one line per editor."""
+    ax = ax or plt.subplots(figsize=(5, 3.2))[1]
+    colors = editor_colors(runs)
+    for ds, _ in runs.values():
+        ax.plot(ds["layer"], ds[var].sel(site=site).isel(ckpt=-1), color=colors[str(ds.attrs.get("editor"))],
+                label=_label(ds))
+    ax.set(xlabel="layer", ylabel=var.replace("_", " "), title=f"{site} after the last edit")
+    ax.legend(frameon=False, fontsize=7)
+    return ax
+
+
+def plot_pca(ds: xr.Dataset, layer: int, ax=None, site: str = "resid"):
+    """F7c: 2-D PCA picture of the probe tokens at one layer, unedited (grey) and after the last
+    edit (red), both in the unedited model's principal basis."""
+    ax = ax or plt.subplots(figsize=(4, 4))[1]
+    ref = ds["pca_ref"].sel(site=site, layer=layer).values
+    cur = ds["pca"].sel(site=site, layer=layer).isel(ckpt=-1).values
+    ax.scatter(ref[:, 0], ref[:, 1], s=8, color="0.5", alpha=0.6, label="unedited")
+    ax.scatter(cur[:, 0], cur[:, 1], s=8, color="tab:red", alpha=0.6, label=f"after {int(ds['ckpt'][-1])} edits")
+    ax.set(xlabel="PC1 (unedited)", ylabel="PC2 (unedited)", title=f"{_label(ds)}, {site}, layer {layer}")
+    ax.legend(frameon=False, fontsize=7)
+    return ax
+
+
+# -- T1 ------------------------------------------------------------------------------------
+def summary_table(runs: dict) -> str:
+    """T1: per editor after the last edit: ES, PS, NS, S over all edited facts, generation
+    entropy, mean downstream accuracy (unedited value in brackets), recall of unedited facts,
+    perplexity, and ‖W_N‖/‖W_0‖ of the edited matrices (mean over them)."""
+    head = (f"{'editor':<10} {'edits':>5} {'ES':>5} {'PS':>5} {'NS':>5} {'S':>5} {'GE':>11} "
+            f"{'downstream':>13} {'recall':>11} {'ppl':>13} {'‖W_N‖/‖W_0‖':>11}")
+    rows = [head]
+    for ds, _ in runs.values():
+        last, first = ds.isel(ckpt=-1), ds.isel(ckpt=0)
+        en = edited_norms(ds)
+        ratio = float((en.isel(step=-1) / en.isel(step=0)).mean())
+        s = harmonic_mean(float(last["es"]), float(last["ps"]), float(last["ns"]))
+        rows.append(
+            f"{_label(ds):<10} {int(last['ckpt']):>5} {float(last['es']):>5.2f} {float(last['ps']):>5.2f} "
+            f"{float(last['ns']):>5.2f} {s:>5.2f} "
+            f"{float(last['gen_entropy_mean']):>5.2f} ({float(first['gen_entropy_mean']):.2f}) "
+            f"{float(last['task_mean_acc']):>6.3f} ({float(first['task_mean_acc']):.3f}) "
+            f"{float(last['recall']):>4.2f} ({float(first['recall']):.2f}) "
+            f"{float(last['perplexity']):>5.1f} ({float(first['perplexity']):.1f}) {ratio:>11.3f}"
+        )
+    rows.append("(in brackets: the unedited model, checkpoint 0)")
+    return "\n".join(rows)
