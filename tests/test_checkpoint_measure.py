@@ -103,3 +103,30 @@ def test_interrupted_measured_run_resumes_to_the_same_result(tmp_path, tiny_dir,
     # the reference is rebuilt from the original weights: the later checkpoints agree too
     for name in ("cka", "act_norm", "subspace_overlap", "task_acc", "perplexity", "fact_es"):
         np.testing.assert_allclose(resumed[name], full[name], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_figures_and_table_draw_from_a_measured_run(measured):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from repro import measured as M
+
+    p, ds = measured
+    runs = {"tiny": (ds, p.output)}
+    table = M.summary_table(runs).splitlines()
+    assert table[0].split()[:6] == ["editor", "edits", "ES", "PS", "NS", "S"]
+    row = table[1].split()
+    assert row[0] == "r-ROME" and row[1] == "3" and float(row[2]) == pytest.approx(float(ds["es"][-1]), abs=0.006)
+    rel = M.relative_activation_norms(ds)
+    np.testing.assert_allclose(rel.isel(ckpt=0), 1.0)
+    axes = M.plot_downstream(runs)
+    assert len(axes) == ds.sizes["task"] + 3 and len(axes[0].lines) == 2  # one run + chance
+    M.plot_edit_quality(runs)
+    M.plot_activation_norms(runs)
+    M.plot_activation_norm_layers(ds)
+    M.plot_subspaces(runs)
+    M.plot_subspace_layers(runs)
+    M.plot_pca(ds, layer=1)
+    plt.close("all")
