@@ -20,7 +20,10 @@ def test_second_moment_matches_direct_computation(smollm):
             smollm.model(**ids)
         rows.append(got["k"][0])
     K = torch.cat(rows)[:50].double()
-    assert torch.allclose(C, K.T @ K / 50, rtol=1e-4, atol=1e-7)
+    direct = K.T @ K / 50
+    # float32 forward passes, batched and padded vs one by one, differ by ~1e-7 of the largest
+    # entry (the first token's activations are huge); a wrong token set or count differs by far more
+    torch.testing.assert_close(C, direct, rtol=1e-4, atol=1e-6 * float(direct.abs().max()))
     assert torch.allclose(C, C.T)
     assert torch.linalg.eigvalsh(C).min() > -1e-8
 
