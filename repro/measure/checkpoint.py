@@ -9,7 +9,6 @@ abilities, activation norms and how far the activations moved from the unedited 
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -168,6 +167,3 @@ class Measurer:
             cmp[v] = cmp[v].astype(np.float32)
         return xr.merge([norms, cmp], combine_attrs="drop")
 
-
-def measure_params_dict(mp: MeasureParams) -> dict:
-    return dataclasses.asdict(mp)
