@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -112,17 +111,6 @@ def _crossed(done: int, batch: int, every: int) -> bool:
     return done // every != (done - batch) // every
 
 
-def _state_path(output: Path) -> Path:
-    return output.with_name(output.name + ".state.pt")
-
-
-def _save_state(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def _edit_scores(lm: LoadedModel, reqs: list[EditRequest]) -> tuple[np.ndarray, np.ndarray]:
     return compare_targets(lm, [r.text for r in reqs], [r.target_new for r in reqs], [r.target_true for r in reqs])
 
@@ -143,7 +131,7 @@ def run_sequential(params: SequentialParams, overwrite: bool = False, progress: 
     editor = make_editor(params.editor, lm, **params.hparams)
     editor.prepare()  # statistics and prefixes from the unedited model, also when resuming
     edited = editor.edited_matrices()
-    state_file = _state_path(output)
+    state_file = store.state_path(output)
     weight = lambda l, m: lm.spec.weight(lm.model, l, m)  # noqa: E731
 
     state = {"params": pdict, "done": 0, "rows": [], "norm_steps": [], "norms": [], "drift": [],
@@ -187,7 +175,7 @@ def run_sequential(params: SequentialParams, overwrite: bool = False, progress: 
         state["elapsed"] = time.perf_counter() - t0
         state["weights"] = [weight(l, m).detach().cpu().clone() for l, m in edited]
         state["editor"] = editor.state_dict()
-        _save_state(state_file, state)
+        store.save_state(state_file, state)
 
     def record_norms():
         state["norm_steps"].append(state["done"])

@@ -52,6 +52,23 @@ def provenance(params: dict, device: str, **extra) -> dict[str, str | int | floa
     return attrs
 
 
+def state_path(output: str | Path) -> Path:
+    """Where an interrupted run keeps its resume state: ``<output>.state.pt`` beside the run file."""
+    output = Path(output)
+    return output.with_name(output.name + ".state.pt")
+
+
+def save_state(path: str | Path, state: dict) -> None:
+    """``torch.save`` the resume state via a temporary file and a rename (never half written)."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
 def write_netcdf(ds: xr.Dataset, path: str | Path) -> Path:
     """Write ``ds`` to ``path`` via a temporary file and a rename: readers never see half a file."""
     path = Path(path)

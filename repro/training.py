@@ -53,7 +53,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 import warnings
 import zlib
@@ -541,17 +540,6 @@ def train_step(lm: LoadedModel, data: RunData, named, opt, step: int, params: Tr
     return loss_sum / total, grad_norm
 
 
-def _state_path(output: Path) -> Path:
-    return output.with_name(output.name + ".state.pt")
-
-
-def _save_state(path: Path, state: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 HISTORY = ("rec_step", "weight_norm", "delta_norm", "embed_norm", "train_loss", "grad_norm", "lr",
            "step_seconds", "eval_step", "eval_loss", "eval_ppl", "task_loss", "task_acc")
 
@@ -571,7 +559,7 @@ def run_training(params: TrainParams, overwrite: bool = False, progress: bool = 
     named = prepare_model(lm, params)  # changes no weight: adapters start with B = 0
     recorder = NormRecorder(lm)
     opt = make_optimizer(named, params)
-    state_file = _state_path(output)
+    state_file = store.state_path(output)
 
     state = {"params": pdict, "done": 0, "hist": {k: [] for k in HISTORY}, "elapsed": 0.0}
     if state_file.exists():
@@ -603,7 +591,7 @@ def run_training(params: TrainParams, overwrite: bool = False, progress: bool = 
 
     def checkpoint() -> None:
         state["elapsed"] = time.perf_counter() - t0
-        _save_state(state_file, {
+        store.save_state(state_file, {
             **state, "trainable": {n: p.detach().cpu().clone() for n, p in named},
             "opt": opt.state_dict(), "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(lm.device) if lm.device.type == "cuda" else None})
