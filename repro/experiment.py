@@ -42,7 +42,10 @@ class SequentialParams:
     facts: str = "data/facts/smollm2-135m.json"
     split: str = "eval"  # "train" facts are kept for meta-training (MEND), never evaluated on
     norm_every: int = 1  # measure all weight norms every k edits (and before/after)
-    measure_every: int = 0  # 0: off; k: edit quality, downstream, activations every k edits (and before/after)
+    # k: edit quality, downstream abilities and activations every k edits (and before the first and
+    # after the last); 0: off. 20 keeps measurement at about a sixth to a third of a 100-edit run on
+    # SmolLM2-135M (benchmarks/results/checkpoint_cost_smollm2-135m.txt).
+    measure_every: int = 20
     measure: dict = field(default_factory=dict)  # repro.measure.checkpoint.MeasureParams overrides
     checkpoint_every: int = 10
     output: str = "data/runs/smoke_rome.nc"

@@ -49,6 +49,36 @@ def tiny_lm():
 
 
 @pytest.fixture(scope="session")
+def make_tiny(tiny_lm):
+    """Factory of tiny random models of other families (llama, gemma3, gpt2) sharing ``tiny_lm``'s
+    tokenizer: ``make_tiny(family, n_layers=4, sliding_window=4, n_positions=128)``."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig
+
+    from repro.models import LoadedModel, spec_for
+
+    def make(family: str, n_layers: int = 4, sliding_window: int = 4, n_positions: int = 128) -> LoadedModel:
+        tok = tiny_lm.tokenizer
+        common = dict(vocab_size=len(tok))
+        heads = dict(num_attention_heads=4, num_key_value_heads=2)
+        if family == "llama":
+            cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, **heads, **common)
+        elif family == "gemma3":
+            cfg = Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=n_layers, head_dim=8,
+                                   sliding_window=sliding_window, **heads, **common)
+        elif family == "gpt2":
+            cfg = GPT2Config(n_embd=32, n_layer=n_layers, n_head=4, n_positions=n_positions, **common)
+        else:
+            raise ValueError(f"no tiny config for family {family!r}")
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        model.requires_grad_(False)
+        return LoadedModel(name=f"tiny-{family}", model=model, tokenizer=tok, spec=spec_for(model),
+                           device=torch.device("cpu"))
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tiny_lm, tmp_path_factory):
     """``tiny_lm`` saved as a local model directory, loadable by path wherever a model name goes."""
     path = tmp_path_factory.mktemp("tiny-llama")

@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config
 
 from repro.data import load_records, load_text
 from repro.data.tasks import Example, FewShotTask, load_task, parse_task, save_task, split_balanced, task_names
 from repro.measure import downstream as ds
-from repro.models import LoadedModel, spec_for
+from repro.models import LoadedModel
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,20 +33,6 @@ def _task(**kw) -> FewShotTask:
     )
     base.update(kw)
     return FewShotTask(**base)
-
-
-def _tiny(family: str, tok) -> LoadedModel:
-    common = dict(vocab_size=len(tok))
-    cfg = {
-        "gemma3": Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=8, sliding_window=8, **common),
-        "gpt2": GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=512, **common),
-    }[family]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    model.requires_grad_(False)
-    return LoadedModel(name=f"tiny-{family}", model=model, tokenizer=tok, spec=spec_for(model),
-                       device=torch.device("cpu"))
 
 
 class _BosTok:
@@ -96,8 +81,8 @@ def test_cached_prefix_equals_full_prompt(tiny_lm) -> None:
 
 
 @pytest.mark.parametrize("family", ["gemma3", "gpt2"])
-def test_cached_prefix_other_families(tiny_lm, family) -> None:
-    lm = _tiny(family, tiny_lm.tokenizer)
+def test_cached_prefix_other_families(make_tiny, family) -> None:
+    lm = make_tiny(family, n_layers=3 if family == "gemma3" else 2, sliding_window=8, n_positions=512)
     task = _task()  # the prefix is longer than gemma3's sliding window of 8 tokens
     assert len(lm.tokenizer(task.prefix())["input_ids"]) > 8
     np.testing.assert_allclose(ds.label_logprobs(lm, task, batch_size=3), _by_hand(lm, task), atol=1e-4)

@@ -78,7 +78,8 @@ def test_bad_efficacy_parameters(tmp_path):
 def test_batch_run_with_carried_keys_resumes_to_the_same_result(tiny_dir, tmp_path, monkeypatch):
     """ENCORE in batches of 2: the earlier edits' keys are checkpointed with the weights, so a run
     interrupted after the first batch ends exactly where the uninterrupted one does."""
-    kw = dict(model=tiny_dir, editor="encore", n_edits=4, batch_size=2, checkpoint_every=1, hparams=TINY_ENCORE)
+    kw = dict(model=tiny_dir, editor="encore", n_edits=4, batch_size=2, checkpoint_every=1, measure_every=0,
+              hparams=TINY_ENCORE)
     full = run_sequential(SequentialParams(output=str(tmp_path / "full.nc"), **kw), progress=False)
     assert full.sizes["edit"] == 4 and list(full["step"].values) == [0, 2, 4]
     assert int(full["edited"].sum()) == 2

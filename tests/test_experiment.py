@@ -16,7 +16,7 @@ CHEAP = {"v_steps": 3, "stats_tokens": 4000, "n_prefix_short": 1, "n_prefix_long
 
 
 def params(tmp_path, **kw):
-    base = dict(editor="r-rome", n_edits=3, checkpoint_every=1, output=str(tmp_path / "run.nc"), hparams=CHEAP)
+    base = dict(editor="r-rome", n_edits=3, checkpoint_every=1, measure_every=0, output=str(tmp_path / "run.nc"), hparams=CHEAP)
     base.update(kw)
     return SequentialParams(**base)
 

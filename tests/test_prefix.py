@@ -4,27 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig
 
 from repro.editors.locate import optimize_value
 from repro.editors.prefix import frozen_prefix
-from repro.models import LoadedModel, spec_for
-
-
-def _tiny(family, tok):
-    common = dict(vocab_size=len(tok))
-    cfg = {
-        "llama": LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                             num_key_value_heads=2, **common),
-        "gemma3": Gemma3TextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                   num_key_value_heads=2, head_dim=8, sliding_window=4, **common),
-        "gpt2": GPT2Config(n_embd=32, n_layer=4, n_head=4, n_positions=128, **common),
-    }[family]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg).eval()
-    model.requires_grad_(False)
-    return LoadedModel(name=f"tiny-{family}", model=model, tokenizer=tok, spec=spec_for(model),
-                       device=torch.device("cpu"))
 
 
 KW = dict(steps=4, lr=0.5, weight_decay=0.5, kl_factor=0.0625, clamp_norm_factor=4.0, nll_stop=0.0)
@@ -33,8 +15,8 @@ PROMPTS = ["{} is located in the city of", "Yesterday it rained. {} is located i
 
 @pytest.mark.parametrize("family", ["llama", "gemma3", "gpt2"])
 @pytest.mark.parametrize("whole_layer", [False, True])
-def test_reused_prefix_gives_the_same_value(tiny_lm, family, whole_layer):
-    lm = _tiny(family, tiny_lm.tokenizer)
+def test_reused_prefix_gives_the_same_value(make_tiny, family, whole_layer):
+    lm = make_tiny(family)
     layer, mtype = 2, lm.spec.mlp_out
     module = lm.spec.layer_modules(lm.model)[layer] if whole_layer else None
     plain = optimize_value(lm, layer, mtype, PROMPTS, "The Eiffel Tower", "Rome", module=module, **KW)
@@ -48,8 +30,8 @@ def test_reused_prefix_gives_the_same_value(tiny_lm, family, whole_layer):
     assert all(type(m).__name__ != "_Replay" for m in lm.spec.layer_modules(lm.model))
 
 
-def test_replayed_layers_are_not_computed(tiny_lm):
-    lm = _tiny("llama", tiny_lm.tokenizer)
+def test_replayed_layers_are_not_computed(make_tiny):
+    lm = make_tiny("llama")
     enc = lm.tokenizer(["Paris is the capital of"], return_tensors="pt")
     calls = []
     first = lm.spec.layer_modules(lm.model)[0]
