@@ -131,3 +131,46 @@ def summarize(ds: xr.Dataset) -> dict[str, float]:
     es, ps, ns = (float(ds[k].mean()) for k in ("es", "ps", "ns"))
     return {"n": int(ds.sizes["fact"]), "ES": es, "PS": ps, "NS": ns, "S": harmonic_mean(es, ps, ns),
             "seconds": float(ds["edit_seconds"].mean())}
+
+
+def subject_opens_prompt(record: Record) -> bool:
+    """Whether the rewrite prompt starts with the subject ("{} is located in"). There the subject
+    is tokenized without the leading space it has after the editors' context prefixes
+    ("<prefix>. {}"), so its last token, and the key read there, can differ from theirs."""
+    return record.requested_rewrite.prompt.lstrip().startswith("{}")
+
+
+def es_by_subject_position(ds: xr.Dataset, records: list[Record]) -> dict[str, tuple[int, float]]:
+    """Efficacy of a single-edit run split by where the subject sits in the rewrite prompt:
+    ``{"opens": (n, ES), "inside": (n, ES)}`` (ES NaN for an empty group). ``records`` must hold
+    every fact of the run (matched by case id)."""
+    by_id = {r.case_id: r for r in records}
+    missing = [int(c) for c in ds["case_id"].values if int(c) not in by_id]
+    if missing:
+        raise KeyError(f"case ids {missing[:5]} of the run are not among the records given")
+    opens = np.array([subject_opens_prompt(by_id[int(c)]) for c in ds["case_id"].values], dtype=bool)
+    es = ds["es"].values.astype(float)
+    out = {}
+    for name, mask in (("opens", opens), ("inside", ~opens)):
+        out[name] = (int(mask.sum()), float(es[mask].mean()) if mask.any() else float("nan"))
+    return out
+
+
+def key_agreement(lm, editor, record: Record) -> dict[str, float]:
+    """How well the key of the plain rewrite prompt agrees with the key averaged over the editor's
+    context prefixes (what r-ROME writes the value at): their cosine, and the share
+    uᵀk / uᵀk̄ (u = C⁻¹k̄) of the rank-one update that the plain prompt receives (1 under ROME,
+    which puts the plain key in the update). Needs a ROME-type editor (``layer``, ``mtype``,
+    ``templates``, ``C``)."""
+    from .editors.linalg import solve_psd
+    from .editors.locate import subject_keys
+
+    req = to_request(record)
+    prompts = [t.replace("{}", req.prompt) for t in editor.templates]
+    if prompts[0] != req.prompt:
+        raise ValueError("the editor's first context template must be the plain prompt '{}'")
+    with torch.no_grad():
+        keys = subject_keys(lm, editor.hp.layer, editor.mtype, prompts, req.subject).double()
+        k, k_avg = keys[0], keys.mean(0)
+        u = solve_psd(editor.C, k_avg, getattr(editor.hp, "cov_ridge", 0.0))
+    return {"cosine": float(k @ k_avg / (k.norm() * k_avg.norm())), "share": float(u @ k / (u @ k_avg))}

@@ -90,3 +90,52 @@ def test_batch_run_with_carried_keys_resumes_to_the_same_result(tiny_dir, tmp_pa
     monkeypatch.setattr(experiment, "make_editor", real)
     resumed = run_sequential(p, progress=False)
     np.testing.assert_allclose(resumed["weight_norm"], full["weight_norm"], rtol=1e-6)
+
+
+def test_es_split_by_subject_position():
+    import xarray as xr
+
+    from repro.data.counterfact import Record, Rewrite
+
+    def rec(i, prompt):
+        return Record(i, Rewrite(prompt, f"Subject{i}", "Rome", "Paris"), [], [], [])
+
+    records = [rec(1, "{} is located in"), rec(2, "In {}, people speak"), rec(3, " {}'s capital is"),
+               rec(4, "The capital of {} is")]
+    ds = xr.Dataset({"es": ("fact", [0.0, 1.0, 1.0, 1.0]), "case_id": ("fact", [1, 2, 3, 4])})
+    split = efficacy.es_by_subject_position(ds, records)
+    assert split == {"opens": (2, 0.5), "inside": (2, 1.0)}
+    with pytest.raises(KeyError, match="case ids"):
+        efficacy.es_by_subject_position(ds, records[:2])
+
+
+def test_key_agreement_is_the_share_of_the_update_the_plain_prompt_gets(tiny_lm):
+    """r-ROME's update moves the plain prompt's matrix output by exactly ``share`` times what it
+    moves the averaged key's output; with the plain prompt as the only template both keys agree."""
+    import torch
+
+    from repro.data.counterfact import Record, Rewrite
+    from repro.editors import make_editor
+    from repro.data.counterfact import to_request
+    from repro.editors.locate import subject_keys
+
+    record = Record(0, Rewrite("{} is located in the city of", "Kuwait", "Rome", "Paris"), [], [], [])
+    editor = make_editor("r-rome", tiny_lm, **TINY_ROME)
+    agree = efficacy.key_agreement(tiny_lm, editor, record)
+    assert -1.0 <= agree["cosine"] <= 1.0 and agree["cosine"] < 1 - 1e-6
+    req = record.requested_rewrite
+    prompts = [t.replace("{}", req.prompt) for t in editor.templates]
+    keys = subject_keys(tiny_lm, editor.hp.layer, editor.mtype, prompts, req.subject).double()
+    W = tiny_lm.spec.weight(tiny_lm.model, editor.hp.layer, editor.mtype)
+    saved = W.detach().clone()
+    try:
+        result = editor.apply([to_request(record)])
+    finally:
+        with torch.no_grad():
+            W.copy_(saved)
+    delta = next(iter(result.deltas.values())).double()
+    moved_plain, moved_avg = delta @ keys[0], delta @ keys.mean(0)
+    torch.testing.assert_close(moved_plain, agree["share"] * moved_avg, rtol=1e-4, atol=1e-6)
+    editor._templates = ["{}"]
+    same = efficacy.key_agreement(tiny_lm, editor, record)
+    assert same["cosine"] == pytest.approx(1.0) and same["share"] == pytest.approx(1.0)
