@@ -5,7 +5,7 @@ compare the key of the plain rewrite prompt with the key averaged over r-ROME's 
                                     [--output data/runs/key_agreement_r-rome_smollm2-135m.nc]
 
 Writes a NetCDF file (dim ``fact``: cosine, share of the update the plain prompt receives, whether
-the subject opens the prompt, subject token counts with and without a leading space, and ES of every
+the subject opens the prompt, whether its last token changes without the leading space, and ES of every
 single-edit run of the profile on the same facts) that the book's efficacy page reads.
 """
 from __future__ import annotations
@@ -50,15 +50,15 @@ def main() -> None:
             "cosine": ("fact", np.array([r["cosine"] for r in rows])),
             "share": ("fact", np.array([r["share"] for r in rows])),
             "subject_opens": ("fact", np.array([subject_opens_prompt(r) for r in records], dtype=np.int8)),
-            "subject_tokens_plain": ("fact", np.array([len(tok.tokenize(r.requested_rewrite.subject))
-                                                       for r in records])),
-            "subject_tokens_spaced": ("fact", np.array([len(tok.tokenize(" " + r.requested_rewrite.subject))
-                                                        for r in records])),
+            "last_token_differs": ("fact", np.array([tok.tokenize(r.requested_rewrite.subject)[-1]
+                                                     != tok.tokenize(" " + r.requested_rewrite.subject)[-1]
+                                                     for r in records], dtype=np.int8)),
             "case_id": ("fact", run["case_id"].values),
         },
         coords={"fact": run["fact"].values},
     )
     ds["cosine"].attrs["long_name"] = "cosine of the plain prompt's key and the key averaged over the prefixes"
+    ds["last_token_differs"].attrs["long_name"] = "the subject's last token differs with and without a leading space"
     ds["share"].attrs["long_name"] = "u^T k / u^T k_avg, u = C^-1 k_avg: share of r-ROME's update the plain prompt gets"
     editors = []
     for path in sorted(Path(from_root("data/runs")).glob(f"efficacy_*_{p['model']}.nc")):
