@@ -139,6 +139,20 @@ def relative_norms(ds: xr.Dataset) -> xr.DataArray:
     return ds["weight_norm"] / ds["weight_norm"].isel(step=0)
 
 
+def growth_decomposition(ds: xr.Dataset) -> xr.Dataset:
+    """Split each matrix's norm change at every recorded step into its two sources, from
+    ‖W_t‖² = ‖W_0‖² + 2⟨W_0, ΔW⟩ + ‖ΔW‖² (ΔW = W_t − W_0, recorded as ``delta_norm``):
+
+    - ``orthogonal``: ‖W_t‖/‖W_0‖ − 1 if ΔW were orthogonal to W_0, √(1 + ‖ΔW‖²/‖W_0‖²) − 1 (> 0);
+    - ``observed``: ‖W_t‖/‖W_0‖ − 1;
+    - ``cosine``: cos(W_0, ΔW) = (‖W_t‖² − ‖W_0‖² − ‖ΔW‖²) / (2 ‖W_0‖ ‖ΔW‖) (NaN where ΔW = 0).
+    """
+    w0 = ds["weight_norm"].isel(step=0)
+    w, d = ds["weight_norm"], ds["delta_norm"]
+    cosine = ((w**2 - w0**2 - d**2) / (2 * w0 * d)).where(d > 0)
+    return xr.Dataset({"observed": w / w0 - 1, "orthogonal": np.sqrt(1 + (d / w0) ** 2) - 1, "cosine": cosine})
+
+
 def short_matrix(mtype: str) -> str:
     """``attn_q`` -> ``q``, ``mlp_down`` -> ``down`` (labels of figures and tables)."""
     return str(mtype).split("_", 1)[-1]

@@ -209,3 +209,33 @@ def test_batches_are_a_function_of_seed_and_step():
     np.testing.assert_array_equal(training.example_indices(16, 1, 1, p), training.example_indices(16, 1, 1, p))
     assert not np.array_equal(training.example_indices(16, 0, 0, p),
                               training.example_indices(16, 0, 0, dataclasses.replace(p, seed=4)))
+
+
+def test_growth_decomposition_on_known_matrices():
+    """Norm changes of hand-made W_t = W_0 + ΔW: the recovered cosine is cos(W_0, ΔW), and the
+    orthogonal part equals the observed change exactly when ΔW ⟂ W_0."""
+    import xarray as xr
+
+    from repro.report import growth_decomposition
+
+    rng = np.random.default_rng(0)
+    w0 = rng.standard_normal((6, 5))
+    ortho = rng.standard_normal((6, 5))
+    ortho -= (ortho * w0).sum() / (w0 * w0).sum() * w0  # ⟂ W_0
+    deltas = [np.zeros_like(w0), 0.1 * ortho, -0.05 * w0, 0.1 * ortho + 0.02 * w0]
+    norms = [np.linalg.norm(w0 + d) for d in deltas]
+    ds = xr.Dataset(
+        {"weight_norm": (("step", "layer", "matrix"), np.array(norms).reshape(4, 1, 1)),
+         "delta_norm": (("step", "layer", "matrix"), np.array([np.linalg.norm(d) for d in deltas]).reshape(4, 1, 1))},
+        coords={"step": [0, 1, 2, 3], "layer": [0], "matrix": ["m"]},
+    )
+    g = growth_decomposition(ds).squeeze()
+    assert np.isnan(float(g.cosine[0])) and float(g.observed[0]) == 0.0
+    np.testing.assert_allclose(float(g.cosine[1]), 0.0, atol=1e-12)
+    np.testing.assert_allclose(float(g.observed[1]), float(g.orthogonal[1]), rtol=1e-12)
+    np.testing.assert_allclose(float(g.cosine[2]), -1.0, atol=1e-12)
+    np.testing.assert_allclose(float(g.observed[2]), -0.05, atol=1e-12)
+    d3 = deltas[3]
+    expect = (w0 * d3).sum() / (np.linalg.norm(w0) * np.linalg.norm(d3))
+    np.testing.assert_allclose(float(g.cosine[3]), expect, rtol=1e-10)
+    assert float(g.observed[3]) > float(g.orthogonal[3]) > 0  # a component along W_0 adds growth
