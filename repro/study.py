@@ -1,6 +1,7 @@
 """Run a profile of the study: each run is a notebook executed by papermill with its parameters,
 writing a NetCDF file under ``data/runs/`` and leaving the executed notebook in ``book/runs/`` for
-the book. Runs whose file and executed notebook exist are skipped.
+the book. Runs whose file and executed notebook exist are skipped, unless the file was made with
+other values of the declared parameters (stale): those are rerun, replacing the file.
 
     python -m repro.study --profile default [--only ID ...] [--force] [--list] [--toc]
 
@@ -23,6 +24,9 @@ PROFILES = ROOT / "study.yaml"
 EXECUTED = ROOT / "book" / "runs"
 
 
+# Parameters added after some runs were made, with the value those older files implicitly used.
+IMPLICIT = {"measure_every": 0, "measure": {}}
+
 RUNS_PART = "Runs (executed notebooks)"
 TOC = ROOT / "book" / "_toc.yml"
 
@@ -44,6 +48,24 @@ class Run:
 
     def done(self) -> bool:
         return self.output.exists() and self.executed.exists()
+
+    def stale(self) -> list[str]:
+        """The declared parameters whose values differ from those the run's file was made with;
+        empty when they agree. A parameter the file does not record is compared with the value
+        files made before it existed implicitly used (``IMPLICIT``), or not at all (notebook-level
+        parameters such as an evaluation count are not stored in the file)."""
+        import json
+
+        from .store import read_netcdf, run_params
+
+        try:
+            made = run_params(read_netcdf(self.output))
+        except (OSError, ValueError, KeyError) as err:
+            return [f"<unreadable {self.output.name}: {type(err).__name__}>"]
+        norm = lambda v: json.loads(json.dumps(v, sort_keys=True, default=str))  # noqa: E731
+        return sorted(k for k, v in self.parameters.items()
+                      if k not in ("overwrite", "output")
+                      and (k in made or k in IMPLICIT) and norm(v) != norm(made.get(k, IMPLICIT.get(k))))
 
 
 def _show(path: Path) -> str:
@@ -118,16 +140,19 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown run ids {sorted(unknown)}")
         runs = [r for r in runs if r.id in args.only]
     for run in runs:
-        status = "done" if run.done() else "missing"
+        stale = run.stale() if run.done() else []
+        status = ("stale" if stale else "done") if run.done() else "missing"
         if args.list:
-            print(f"{run.id:<40} {status:<8} {_show(run.output)}")
+            why = f"  (made with other {', '.join(stale)})" if stale else ""
+            print(f"{run.id:<40} {status:<8} {_show(run.output)}{why}")
             continue
-        if run.done() and not args.force:
+        if status == "done" and not args.force:
             print(f"[skip] {run.id}: {_show(run.output)} exists")
             continue
-        print(f"[run]  {run.id}: {run.notebook} -> {_show(run.output)}", flush=True)
+        why = f" (stale: {', '.join(stale)} changed)" if stale else ""
+        print(f"[run]  {run.id}: {run.notebook} -> {_show(run.output)}{why}", flush=True)
         t0 = time.perf_counter()
-        execute(run, force=args.force)
+        execute(run, force=args.force or bool(stale))
         print(f"[done] {run.id} in {time.perf_counter() - t0:.0f} s", flush=True)
     if not args.list and args.profile == "default":
         sync_toc(load_profile(args.profile))

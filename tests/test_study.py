@@ -27,13 +27,50 @@ def test_finished_runs_are_skipped(tmp_path, monkeypatch, capsys):
     prof = tmp_path / "s.yaml"
     prof.write_text("p:\n  - id: r1\n    notebook: notebooks/sequential_editing.ipynb\n"
                     f"    parameters: {{output: {tmp_path}/r1.nc}}\n")
-    (tmp_path / "r1.nc").write_text("x")
+    _run_file(tmp_path / "r1.nc", {"output": f"{tmp_path}/r1.nc", "seed": 0})
     monkeypatch.setattr(study, "PROFILES", prof)
     monkeypatch.setattr(study, "EXECUTED", tmp_path)
     (tmp_path / "r1.ipynb").write_text("{}")
     monkeypatch.setattr(study, "execute", lambda *a, **k: pytest.fail("executed a finished run"))
     assert study.main(["--profile", "p"]) == 0
     assert "[skip] r1" in capsys.readouterr().out
+
+
+def _run_file(path, params):
+    import json
+
+    import xarray as xr
+
+    from repro.store import write_netcdf
+
+    write_netcdf(xr.Dataset({"x": ("i", [1.0])}, attrs={"params": json.dumps(params)}), path)
+
+
+@pytest.mark.parametrize("made,declared,stale", [
+    ({"seed": 0, "n_edits": 3}, "{seed: 0, n_edits: 3}", []),
+    ({"seed": 0, "n_edits": 3}, "{seed: 1, n_edits: 3}", ["seed"]),
+    ({"seed": 0}, "{seed: 0, n_eval: 20}", []),  # notebook-level parameter the file does not store
+    ({"seed": 0}, "{seed: 0, measure_every: 20}", ["measure_every"]),  # file predates measurements
+    ({"seed": 0}, "{seed: 0, measure_every: 0}", []),
+    ({"lr": 0.0001}, "{lr: 1.0e-4}", []),
+])
+def test_runs_made_with_other_parameters_are_stale_and_rerun(tmp_path, monkeypatch, capsys, made, declared, stale):
+    prof = tmp_path / "s.yaml"
+    out = tmp_path / "r1.nc"
+    prof.write_text("p:\n  - id: r1\n    notebook: notebooks/sequential_editing.ipynb\n"
+                    f"    parameters: {{output: {out}, overwrite: false, {declared[1:-1]}}}\n")
+    _run_file(out, {**made, "output": "elsewhere.nc"})
+    monkeypatch.setattr(study, "PROFILES", prof)
+    monkeypatch.setattr(study, "EXECUTED", tmp_path)
+    (tmp_path / "r1.ipynb").write_text("{}")
+    (run,) = study.load_profile("p")
+    assert run.stale() == stale
+    calls = []
+    monkeypatch.setattr(study, "execute", lambda r, force=False: calls.append(force))
+    study.main(["--profile", "p"])
+    assert calls == ([True] if stale else [])
+    study.main(["--profile", "p", "--list"])
+    assert ("stale" in capsys.readouterr().out) == bool(stale)
 
 
 def test_toc_lists_exactly_the_executed_runs(tmp_path, monkeypatch):
