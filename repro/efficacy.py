@@ -7,10 +7,8 @@ Interrupted runs resume: the per-fact rows are saved to ``<output>.state.pt`` ev
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -48,12 +46,6 @@ class EfficacyParams:
             raise ValueError(f"output must be a .nc file, got {self.output!r}")
 
 
-def _save(path: Path, state: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def run_efficacy(params: EfficacyParams, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
     """Edit each of ``n_facts`` held-out facts alone and score it; return (and store) the Dataset."""
     params.validate()
@@ -68,7 +60,7 @@ def run_efficacy(params: EfficacyParams, overwrite: bool = False, progress: bool
     editor = make_editor(params.editor, lm, **params.hparams)
     matrices = editor.edited_matrices()
     originals = [lm.spec.weight(lm.model, l, m).detach().clone() for l, m in matrices]
-    state_file = output.with_name(output.name + ".state.pt")
+    state_file = store.state_path(output)
     state = {"params": pdict, "rows": [], "elapsed": 0.0}
     if state_file.exists():
         saved = torch.load(state_file, weights_only=False)
@@ -96,7 +88,7 @@ def run_efficacy(params: EfficacyParams, overwrite: bool = False, progress: bool
         bar.update()
         if len(state["rows"]) % params.save_every == 0:
             state["elapsed"] = time.perf_counter() - t0
-            _save(state_file, state)
+            store.save_state(state_file, state)
     bar.close()
     rows = state["rows"]
     col = lambda k: np.array([r[k] for r in rows], dtype=float)  # noqa: E731
@@ -138,22 +130,6 @@ def subject_opens_prompt(record: Record) -> bool:
     is tokenized without the leading space it has after the editors' context prefixes
     ("<prefix>. {}"), so its last token, and the key read there, can differ from theirs."""
     return record.requested_rewrite.prompt.lstrip().startswith("{}")
-
-
-def es_by_subject_position(ds: xr.Dataset, records: list[Record]) -> dict[str, tuple[int, float]]:
-    """Efficacy of a single-edit run split by where the subject sits in the rewrite prompt:
-    ``{"opens": (n, ES), "inside": (n, ES)}`` (ES NaN for an empty group). ``records`` must hold
-    every fact of the run (matched by case id)."""
-    by_id = {r.case_id: r for r in records}
-    missing = [int(c) for c in ds["case_id"].values if int(c) not in by_id]
-    if missing:
-        raise KeyError(f"case ids {missing[:5]} of the run are not among the records given")
-    opens = np.array([subject_opens_prompt(by_id[int(c)]) for c in ds["case_id"].values], dtype=bool)
-    es = ds["es"].values.astype(float)
-    out = {}
-    for name, mask in (("opens", opens), ("inside", ~opens)):
-        out[name] = (int(mask.sum()), float(es[mask].mean()) if mask.any() else float("nan"))
-    return out
 
 
 def key_agreement(lm, editor, record: Record) -> dict[str, float]:

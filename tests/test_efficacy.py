@@ -92,23 +92,6 @@ def test_batch_run_with_carried_keys_resumes_to_the_same_result(tiny_dir, tmp_pa
     np.testing.assert_allclose(resumed["weight_norm"], full["weight_norm"], rtol=1e-6)
 
 
-def test_es_split_by_subject_position():
-    import xarray as xr
-
-    from repro.data.counterfact import Record, Rewrite
-
-    def rec(i, prompt):
-        return Record(i, Rewrite(prompt, f"Subject{i}", "Rome", "Paris"), [], [], [])
-
-    records = [rec(1, "{} is located in"), rec(2, "In {}, people speak"), rec(3, " {}'s capital is"),
-               rec(4, "The capital of {} is")]
-    ds = xr.Dataset({"es": ("fact", [0.0, 1.0, 1.0, 1.0]), "case_id": ("fact", [1, 2, 3, 4])})
-    split = efficacy.es_by_subject_position(ds, records)
-    assert split == {"opens": (2, 0.5), "inside": (2, 1.0)}
-    with pytest.raises(KeyError, match="case ids"):
-        efficacy.es_by_subject_position(ds, records[:2])
-
-
 def test_key_agreement_is_the_share_of_the_update_the_plain_prompt_gets(tiny_lm):
     """r-ROME's update moves the plain prompt's matrix output by exactly ``share`` times what it
     moves the averaged key's output; with the plain prompt as the only template both keys agree."""
