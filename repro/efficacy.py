@@ -7,6 +7,7 @@ Interrupted runs resume: the per-fact rows are saved to ``<output>.state.pt`` ev
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -130,6 +131,24 @@ def subject_opens_prompt(record: Record) -> bool:
     is tokenized without the leading space it has after the editors' context prefixes
     ("<prefix>. {}"), so its last token, and the key read there, can differ from theirs."""
     return record.requested_rewrite.prompt.lstrip().startswith("{}")
+
+
+def key_agreement_table(ka: xr.Dataset, label=lambda editor: editor) -> str:
+    """The key agreement file (scripts/key_agreement.py) as a text table: for facts whose subject
+    opens the prompt and those with the subject inside it, their number, the medians of the key
+    cosine and of the update share, and each editor's mean ES (columns named by ``label``)."""
+    editors = json.loads(ka.attrs["es_editors"])
+    opens = ka["subject_opens"].values.astype(bool)
+    lines = [f"{'facts':<24} {'n':>3} {'cosine':>7} {'share':>6}  "
+             + " ".join(f"{label(e):>9}" for e in editors)]
+    for name, m in (("subject opens prompt", opens), ("subject inside prompt", ~opens)):
+        es = " ".join(f"{float(ka[f'es_{e}'].values[m].mean()) if m.any() else float('nan'):>9.2f}"
+                      for e in editors)
+        cos = float(np.median(ka["cosine"].values[m])) if m.any() else float("nan")
+        share = float(np.median(ka["share"].values[m])) if m.any() else float("nan")
+        lines.append(f"{name:<24} {int(m.sum()):>3} {cos:>7.3f} {share:>6.2f}  {es}")
+    lines.append("(cosine and share: medians; editor columns: ES)")
+    return "\n".join(lines)
 
 
 def key_agreement(lm, editor, record: Record) -> dict[str, float]:

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from repro import store
 from repro.data.counterfact import load_records
 from repro.editors import make_editor
-from repro.efficacy import key_agreement, subject_opens_prompt
+from repro.efficacy import key_agreement, key_agreement_table, subject_opens_prompt
 from repro.experiment import select_records
 from repro.models import load_model
 from repro.paths import from_root
@@ -73,13 +73,8 @@ def main() -> None:
         es_editors=json.dumps(editors), wall_time_s=round(time.perf_counter() - t0, 2),
     ))
     store.write_netcdf(ds, from_root(args.output))
-    opens = ds["subject_opens"].values.astype(bool)
-    print(f"{'group':<22} {'n':>3} {'cosine':>7} {'share':>6}  " + " ".join(f"{e:>9}" for e in editors))
-    for name, m in (("subject opens prompt", opens), ("subject inside prompt", ~opens)):
-        es = " ".join(f"{float(ds[f'es_{e}'].values[m].mean()):>9.2f}" for e in editors)
-        print(f"{name:<22} {int(m.sum()):>3} {np.median(ds.cosine.values[m]):>7.3f} "
-              f"{np.median(ds.share.values[m]):>6.2f}  {es}")
-    print(f"(cosine, share: medians)  written {args.output}")
+    print(key_agreement_table(ds))
+    print(f"written {args.output}")
 
 
 if __name__ == "__main__":

@@ -122,3 +122,24 @@ def test_key_agreement_is_the_share_of_the_update_the_plain_prompt_gets(tiny_lm)
     editor._templates = ["{}"]
     same = efficacy.key_agreement(tiny_lm, editor, record)
     assert same["cosine"] == pytest.approx(1.0) and same["share"] == pytest.approx(1.0)
+
+
+def test_key_agreement_table_splits_by_subject_position():
+    import json
+
+    import xarray as xr
+
+    ka = xr.Dataset(
+        {"subject_opens": ("fact", np.array([1, 1, 0, 0, 0], dtype=np.int8)),
+         "cosine": ("fact", np.array([0.1, 0.5, 0.9, 0.95, 1.0])),
+         "share": ("fact", np.array([0.2, 0.4, 1.0, 1.0, 0.9])),
+         "es_a": ("fact", np.array([0.0, 1.0, 1.0, 1.0, 1.0])),
+         "es_b": ("fact", np.array([1.0, 1.0, 1.0, 0.0, 1.0]))},
+        attrs={"es_editors": json.dumps(["a", "b"])},
+    )
+    lines = efficacy.key_agreement_table(ka, label=str.upper).splitlines()
+    assert lines[0].split()[-2:] == ["A", "B"]
+    opens, inside = lines[1].split(), lines[2].split()
+    # label words, then n, median cosine, median share, ES of a and b
+    assert opens[-5:] == ["2", "0.300", "0.30", "0.50", "1.00"]
+    assert inside[-5:] == ["3", "0.950", "1.00", "1.00", "0.67"]
