@@ -45,6 +45,34 @@ def _lines(runs: dict, ax, value, ylabel: str, title: str):
     return ax
 
 
+def off_scale_runs(runs: dict, value, factor: float = 3.0) -> tuple[list, float, float]:
+    """Runs whose largest value exceeds ``factor`` times the largest of all the others (one broken
+    model would otherwise flatten every other line), and the (low, high) range of the rest."""
+    peaks = {rid: float(np.nanmax(value(ds))) for rid, (ds, _) in runs.items()}
+    order = sorted(peaks, key=peaks.get, reverse=True)
+    out = []
+    for rid in order[:-1]:
+        rest = [peaks[r] for r in order if r != rid and r not in out]
+        if peaks[rid] > factor * max(rest):
+            out.append(rid)
+        else:
+            break
+    kept = [value(ds) for rid, (ds, _) in runs.items() if rid not in out]
+    lo = min(float(np.nanmin(v)) for v in kept) if kept else 0.0
+    hi = max(float(np.nanmax(v)) for v in kept) if kept else 1.0
+    return out, lo, hi
+
+
+def _clip_outliers(runs: dict, ax, value):
+    out, lo, hi = off_scale_runs(runs, value)
+    if not out:
+        return
+    pad = 0.05 * (hi - lo or 1.0)
+    ax.set_ylim(lo - pad, hi + pad)
+    note = "; ".join(f"{_label(runs[r][0])} off scale: {float(value(runs[r][0])[-1]):.0f} at the end" for r in out)
+    ax.text(0.02, 0.97, note, transform=ax.transAxes, va="top", fontsize=7)
+
+
 # -- F4: downstream abilities ----------------------------------------------------------------
 def plot_downstream(runs: dict, axes=None):
     """F4: few-shot accuracy per task and their mean, recall of never-edited facts and held-out
@@ -63,6 +91,7 @@ def plot_downstream(runs: dict, axes=None):
            "recall of unedited facts")
     axes[len(tasks) + 1].axhline(0.5, color="0.4", ls="--", lw=1)
     _lines(runs, axes[len(tasks) + 2], lambda ds: ds["perplexity"].values, "perplexity", "held-out Wikipedia")
+    _clip_outliers(runs, axes[len(tasks) + 2], lambda ds: ds["perplexity"].values)
     axes[0].legend(frameon=False, fontsize=7)
     return axes
 

@@ -130,3 +130,18 @@ def test_figures_and_table_draw_from_a_measured_run(measured):
     M.plot_subspace_layers(runs)
     M.plot_pca(ds, layer=1)
     plt.close("all")
+
+
+def test_off_scale_runs_picks_only_a_run_far_above_the_rest():
+    from repro.measured import off_scale_runs
+
+    def runs(*peaks):
+        return {f"r{i}": ({"ppl": np.array([14.0, p])}, None) for i, p in enumerate(peaks)}
+
+    value = lambda ds: ds["ppl"]  # noqa: E731
+    out, lo, hi = off_scale_runs(runs(15.0, 16.4, 466.0), value)
+    assert out == ["r2"] and (lo, hi) == (14.0, 16.4)
+    # nothing is clipped when the largest is within the factor of the next
+    assert off_scale_runs(runs(15.0, 16.4, 40.0), value)[0] == []
+    # two runs far above the rest are both set aside, the larger first
+    assert off_scale_runs(runs(15.0, 100.0, 466.0), value)[0] == ["r2", "r1"]
