@@ -51,12 +51,11 @@ def off_scale_runs(runs: dict, value, factor: float = 3.0) -> tuple[list, float,
     peaks = {rid: float(np.nanmax(value(ds))) for rid, (ds, _) in runs.items()}
     order = sorted(peaks, key=peaks.get, reverse=True)
     out = []
-    for rid in order[:-1]:
-        rest = [peaks[r] for r in order if r != rid and r not in out]
-        if peaks[rid] > factor * max(rest):
-            out.append(rid)
-        else:
+    # highest first: the largest of the runs not yet set aside is always the next one in order
+    for rid, below in zip(order, order[1:]):
+        if peaks[rid] <= factor * peaks[below]:
             break
+        out.append(rid)
     kept = [value(ds) for rid, (ds, _) in runs.items() if rid not in out]
     lo = min(float(np.nanmin(v)) for v in kept) if kept else 0.0
     hi = max(float(np.nanmax(v)) for v in kept) if kept else 1.0
@@ -90,8 +89,9 @@ def plot_downstream(runs: dict, axes=None):
     _lines(runs, axes[len(tasks) + 1], lambda ds: ds["recall"].values, "share true > new",
            "recall of unedited facts")
     axes[len(tasks) + 1].axhline(0.5, color="0.4", ls="--", lw=1)
-    _lines(runs, axes[len(tasks) + 2], lambda ds: ds["perplexity"].values, "perplexity", "held-out Wikipedia")
-    _clip_outliers(runs, axes[len(tasks) + 2], lambda ds: ds["perplexity"].values)
+    perplexity = lambda ds: ds["perplexity"].values  # noqa: E731
+    _lines(runs, axes[len(tasks) + 2], perplexity, "perplexity", "held-out Wikipedia")
+    _clip_outliers(runs, axes[len(tasks) + 2], perplexity)
     axes[0].legend(frameon=False, fontsize=7)
     return axes
 
