@@ -142,11 +142,11 @@ def key_agreement_table(ka: xr.Dataset, label=lambda editor: editor) -> str:
     lines = [f"{'facts':<24} {'n':>3} {'cosine':>7} {'share':>6}  "
              + " ".join(f"{label(e):>9}" for e in editors)]
     for name, m in (("subject opens prompt", opens), ("subject inside prompt", ~opens)):
-        es = " ".join(f"{float(ka[f'es_{e}'].values[m].mean()) if m.any() else float('nan'):>9.2f}"
-                      for e in editors)
-        cos = float(np.median(ka["cosine"].values[m])) if m.any() else float("nan")
-        share = float(np.median(ka["share"].values[m])) if m.any() else float("nan")
-        lines.append(f"{name:<24} {int(m.sum()):>3} {cos:>7.3f} {share:>6.2f}  {es}")
+        def stat(f, var, m=m):  # NaN for an empty group
+            return float(f(ka[var].values[m])) if m.any() else float("nan")
+        es = " ".join(f"{stat(np.mean, f'es_{e}'):>9.2f}" for e in editors)
+        lines.append(f"{name:<24} {int(m.sum()):>3} {stat(np.median, 'cosine'):>7.3f} "
+                     f"{stat(np.median, 'share'):>6.2f}  {es}")
     lines.append("(cosine and share: medians; editor columns: ES)")
     return "\n".join(lines)
 
