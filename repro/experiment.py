@@ -1,6 +1,12 @@
 """A sequential editing run: edit a model fact after fact (or batch after batch), measuring as it
 goes, and store everything in one NetCDF file.
 
+After every editor call a cheap probe checks the collapse rule of
+:mod:`repro.measure.collapse` (probe perplexity far above the unedited model's, or non-finite
+weights or logits); the first edit where it holds is stored in the file. A non-finite model stops
+the run at once, a collapsed one once it has stayed collapsed for ``collapse.patience`` edits;
+either way the file is written and says why the run ended.
+
 Interrupted runs resume: every ``checkpoint_every`` edits the weights of the edited matrices and
 the measurements so far are saved (atomically) next to the output as ``<output>.state.pt``; a
 rerun with the same parameters continues from there. A finished run is not redone unless its
@@ -23,6 +29,7 @@ from tqdm.auto import tqdm
 from . import store
 from .data.counterfact import EditRequest, Record, load_records, to_request
 from .editors import make_editor
+from .measure.collapse import NONFINITE, CollapseParams, CollapseProbe, collapsed_for, first_collapse
 from .measure.norms import weight_norms
 from .measure.rewrite import compare_targets, prefers_new
 from .models import LoadedModel, load_model
@@ -46,7 +53,10 @@ class SequentialParams:
     # after the last); 0: off. 20 keeps measurement at about a sixth to a third of a 100-edit run on
     # SmolLM2-135M (benchmarks/results/checkpoint_cost_smollm2-135m.txt).
     measure_every: int = 20
+    # further checkpoints at these edit counts (e.g. log-spaced: [50, 100, 250, 500, 1000, 2000, 3000])
+    measure_at: list = field(default_factory=list)
     measure: dict = field(default_factory=dict)  # repro.measure.checkpoint.MeasureParams overrides
+    collapse: dict = field(default_factory=dict)  # repro.measure.collapse.CollapseParams overrides
     checkpoint_every: int = 10
     output: str = "data/runs/smoke_rome.nc"
     device: str | None = None
@@ -60,13 +70,27 @@ class SequentialParams:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.measure_every < 0:
             raise ValueError(f"measure_every must be >= 0 (0: off), got {self.measure_every}")
-        if self.measure and not self.measure_every:
-            raise ValueError("measure options given but measure_every is 0 (measurements off)")
+        at = list(self.measure_at)
+        if any(not isinstance(m, int) or isinstance(m, bool) or not 1 <= m <= self.n_edits for m in at):
+            raise ValueError(f"measure_at must hold edit counts between 1 and n_edits={self.n_edits}, got {at}")
+        if self.measure and not (self.measure_every or at):
+            raise ValueError("measure options given but measure_every is 0 and measure_at empty (measurements off)")
+        CollapseParams(**self.collapse)  # checks names and ranges
         if not str(self.output).endswith(".nc"):
             raise ValueError(f"output must be a .nc file, got {self.output!r}")
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def same_params(saved: dict, current: dict) -> bool:
+    """Whether a resume state saved with ``saved`` parameters belongs to a run with ``current``
+    ones: equal, where a parameter added to :class:`SequentialParams` after the state was saved
+    counts as equal when ``current`` holds its default."""
+    defaults = SequentialParams().as_dict()
+    extra = set(current) - set(saved)
+    return (all(saved[k] == current.get(k) for k in saved)
+            and all(current[k] == defaults.get(k) for k in extra))
 
 
 def split_of(record: Record) -> str:
@@ -114,6 +138,11 @@ def _crossed(done: int, batch: int, every: int) -> bool:
     return done // every != (done - batch) // every
 
 
+def _reached(done: int, batch: int, at) -> bool:
+    """Whether the last batch of ``batch`` facts passed one of the edit counts ``at``."""
+    return any(done - batch < m <= done for m in at)
+
+
 def _edit_scores(lm: LoadedModel, reqs: list[EditRequest]) -> tuple[np.ndarray, np.ndarray]:
     return compare_targets(lm, [r.text for r in reqs], [r.target_new for r in reqs], [r.target_true for r in reqs])
 
@@ -136,13 +165,16 @@ def run_sequential(params: SequentialParams, overwrite: bool = False, progress: 
     edited = editor.edited_matrices()
     state_file = store.state_path(output)
     weight = lambda l, m: lm.spec.weight(lm.model, l, m)  # noqa: E731
+    from .data.text import load_text
+
+    probe = CollapseProbe(lm, load_text("test"), edited, CollapseParams(**params.collapse))
 
     state = {"params": pdict, "done": 0, "rows": [], "norm_steps": [], "norms": [], "drift": [],
              "elapsed": 0.0, "measures": [], "measure_seconds": 0.0,
              "weights0": [weight(l, m).detach().cpu().clone() for l, m in edited]}
     if state_file.exists():
         saved = torch.load(state_file, weights_only=False)
-        if saved["params"] == pdict:
+        if same_params(saved["params"], pdict):
             state = saved
             with torch.no_grad():
                 for (layer, mtype), w in zip(edited, saved["weights"]):
@@ -151,10 +183,17 @@ def run_sequential(params: SequentialParams, overwrite: bool = False, progress: 
             log.info("resuming %s after %d edits", output.name, state["done"])
         else:
             log.warning("ignoring %s: it was made with other parameters", state_file)
+    # the commit each stretch of the run was made with (a long run may be resumed several times)
+    state.setdefault("git_shas", []).append(store.git_sha())
+    if "probe_ref" not in state:  # the unedited model's probe perplexity (weights0 are in place)
+        state.update(probe_ref=probe.set_reference(), probe_done=[], probe_ppl=[], probe_why=[],
+                     stop_reason="completed")
+    else:
+        probe.set_reference(state["probe_ref"])
     t0 = time.perf_counter() - state["elapsed"]
 
     measurer = None
-    if params.measure_every:
+    if params.measure_every or params.measure_at:
         from .measure.checkpoint import MeasureParams, Measurer
 
         mp = MeasureParams(**params.measure)
@@ -186,46 +225,83 @@ def run_sequential(params: SequentialParams, overwrite: bool = False, progress: 
         state["drift"].append([float(torch.linalg.vector_norm((weight(l, m).detach().cpu() - w0).double()))
                                for (l, m), w0 in zip(edited, state["weights0"])])
 
+    def measured_at(done: int) -> bool:
+        return bool(state["measures"]) and int(state["measures"][-1]["ckpt"].values[-1]) == done
+
     if state["done"] == 0 and not state["norm_steps"]:
         record_norms()
     if measurer is not None and state["done"] == 0 and not state["measures"]:
         measure_now()
 
+    patience = probe.params.patience
     bar = tqdm(total=params.n_edits, initial=state["done"], desc=f"{params.editor} edits", disable=not progress)
-    while state["done"] < params.n_edits:
+    while state["done"] < params.n_edits and state["stop_reason"] == "completed":
         start = state["done"]
         batch = requests[start : start + params.batch_size]
         pre_new, pre_true = _edit_scores(lm, batch)
         t_edit = time.perf_counter()
-        result = editor.apply(batch)
+        try:
+            result = editor.apply(batch)
+        except Exception:
+            if probe.weights_finite():
+                raise
+            # the editor failed on weights it had made non-finite: record that, stop cleanly
+            log.exception("%s failed with non-finite weights at edit %d", params.editor, start + len(batch))
+            result = None
         seconds = (time.perf_counter() - t_edit) / len(batch)
-        post_new, post_true = _edit_scores(lm, batch)
-        delta_norm = float(np.sqrt(sum(float(d.double().pow(2).sum()) for d in result.deltas.values())))
+        ppl, why = probe.check() if result is not None else (float("nan"), NONFINITE)
+        if why == NONFINITE:
+            post_new = post_true = np.full(len(batch), np.nan)  # no metric from a non-finite model
+            delta_norm = np.nan
+        else:
+            post_new, post_true = _edit_scores(lm, batch)
+            delta_norm = float(np.sqrt(sum(float(d.double().pow(2).sum()) for d in result.deltas.values())))
         for i, req in enumerate(batch):
-            info = result.info[i] if i < len(result.info) else {}
+            info = result.info[i] if result is not None and i < len(result.info) else {}
             state["rows"].append({
                 "case_id": req.case_id, "subject": req.subject, "target_new": req.target_new,
                 "target_true": req.target_true, "nll_new_pre": pre_new[i], "nll_true_pre": pre_true[i],
                 "nll_new": post_new[i], "nll_true": post_true[i], "edit_seconds": seconds,
                 "delta_norm": delta_norm if i == len(batch) - 1 else np.nan,
-                "v_steps": info.get("v_steps", np.nan),
+                "v_steps": info.get("v_steps", np.nan), "probe_ppl": ppl, "collapsed": why is not None,
             })
         state["done"] += len(batch)
-        last = state["done"] == params.n_edits
+        state["probe_done"].append(state["done"])
+        state["probe_ppl"].append(ppl)
+        state["probe_why"].append(why or "")
+        if why == NONFINITE:
+            state["stop_reason"] = "non-finite"
+            log.warning("non-finite weights or logits after %d edits: the run stops here", state["done"])
+        else:
+            streak = collapsed_for(state["probe_done"], [bool(w) for w in state["probe_why"]])
+            if patience and streak is not None and streak >= patience:
+                state["stop_reason"] = "collapsed"
+                log.warning("collapsed for %d edits after %d edits: the run stops here", streak, state["done"])
+        stopping = state["stop_reason"] != "completed"
+        last = state["done"] == params.n_edits or stopping
         if _crossed(state["done"], len(batch), params.norm_every) or last:
             record_norms()
-        if measurer is not None and (_crossed(state["done"], len(batch), params.measure_every) or last):
+        if (measurer is not None and state["stop_reason"] != "non-finite"
+                and (_crossed(state["done"], len(batch), params.measure_every or 10**12)
+                     or _reached(state["done"], len(batch), params.measure_at) or last)):
             measure_now()
         if _crossed(state["done"], len(batch), params.checkpoint_every) or last:
             checkpoint()
         bar.update(len(batch))
+        bar.set_postfix(probe_ppl=f"{ppl:.1f}")
     bar.close()
 
-    final_new, final_true = _edit_scores(lm, requests)
+    n_done = state["done"]
+    if state["stop_reason"] == "non-finite":
+        final_new = final_true = np.full(n_done, np.nan)
+    else:
+        final_new, final_true = _edit_scores(lm, requests[:n_done])
     ds = _to_dataset(lm, state, edited, final_new, final_true)
     if state["measures"]:
         measures = xr.concat(state["measures"], dim="ckpt", data_vars="minimal", coords="minimal",
                              compat="override", join="outer")
+        if "edit" in measures.dims:  # per-fact scores of facts never edited (a run that stopped early)
+            measures = measures.isel(edit=slice(0, n_done))
         ds = xr.merge([ds, measures], combine_attrs="drop_conflicts", compat="no_conflicts", join="outer")
     ds.attrs.update(store.provenance(
         pdict, str(lm.device), run_id=output.stem, model=params.model, editor=params.editor,
@@ -234,6 +310,8 @@ def run_sequential(params: SequentialParams, overwrite: bool = False, progress: 
         wall_time_s=round(time.perf_counter() - t0, 2),
         measure_time_s=round(state["measure_seconds"], 2),
         measure_params=dataclasses.asdict(measurer.params) if measurer is not None else {},
+        collapse_rule=probe.params.rule(), collapse_params=dataclasses.asdict(probe.params),
+        stop_reason=state["stop_reason"], n_edits_done=n_done, git_shas_by_segment=state["git_shas"],
     ))
     store.write_netcdf(ds, output)
     state_file.unlink(missing_ok=True)
@@ -248,7 +326,9 @@ def _to_dataset(lm, state, edited, final_new, final_true) -> xr.Dataset:
     mask = np.zeros((lm.n_layers, len(matrices)), dtype=np.int8)
     for layer, mtype in edited:
         mask[layer, matrices.index(mtype)] = 1
-    nll_new, nll_true = col("nll_new"), col("nll_true")
+    nll_new, nll_true = col("nll_new").astype(float), col("nll_true").astype(float)
+    probe_ppl = np.array([r.get("probe_ppl", np.nan) for r in rows], dtype=float)
+    collapsed = np.array([r.get("collapsed", False) for r in rows], dtype=np.int8)
     ds = xr.Dataset(
         {
             "weight_norm": (("step", "layer", "matrix"), np.stack(state["norms"])),
@@ -259,8 +339,11 @@ def _to_dataset(lm, state, edited, final_new, final_true) -> xr.Dataset:
             "nll_true_pre": ("edit", col("nll_true_pre").astype(float)),
             "nll_new": ("edit", nll_new.astype(float)),
             "nll_true": ("edit", nll_true.astype(float)),
-            "efficacy": ("edit", prefers_new(nll_new, nll_true).astype(np.int8)),
-            "efficacy_final": ("edit", prefers_new(final_new, final_true).astype(np.int8)),
+            "efficacy": ("edit", _wins(nll_new, nll_true)),
+            "efficacy_final": ("edit", _wins(np.asarray(final_new, float), np.asarray(final_true, float))),
+            "probe_ppl": ("edit", probe_ppl),
+            "collapsed": ("edit", collapsed),
+            "collapse_edit": ((), first_collapse(np.arange(1, len(rows) + 1), collapsed)),
             "edit_seconds": ("edit", col("edit_seconds").astype(float)),
             "v_steps": ("edit", col("v_steps").astype(float)),
             "case_id": ("edit", col("case_id").astype(np.int64)),
@@ -277,4 +360,18 @@ def _to_dataset(lm, state, edited, final_new, final_true) -> xr.Dataset:
     ds["efficacy"].attrs["long_name"] = "P(new) > P(true) on the rewrite prompt right after the edit"
     ds["efficacy_final"].attrs["long_name"] = "P(new) > P(true) on the rewrite prompt after all edits"
     ds["edit_seconds"].attrs["long_name"] = "seconds of editor time per fact"
+    ds["probe_ppl"].attrs["long_name"] = "collapse probe: perplexity of held-out text after the editor call making this edit"
+    ds["probe_ppl"].attrs["unedited"] = float(state.get("probe_ref", np.nan))
+    ds["collapsed"].attrs["long_name"] = "1 where the collapse rule held after the editor call making this edit"
+    ds["collapse_edit"].attrs["long_name"] = "first edit after which the collapse rule held (-1: never)"
     return ds
+
+
+def _wins(nll_new: np.ndarray, nll_true: np.ndarray) -> np.ndarray:
+    """1 where the new object is preferred, as int8; as float with NaN where either NLL is missing
+    (a model that became non-finite is not scored)."""
+    missing = np.isnan(nll_new) | np.isnan(nll_true)
+    wins = prefers_new(np.where(missing, 0.0, nll_new), np.where(missing, 0.0, nll_true))
+    if not missing.any():
+        return wins.astype(np.int8)
+    return np.where(missing, np.nan, wins.astype(float))

@@ -27,6 +27,10 @@ def summarize_run(ds: xr.Dataset, decimals: int = 3) -> str:
         f"efficacy right after each edit: {ds['efficacy'].mean().item():.{decimals}f}",
         f"efficacy of all edits at the end: {ds['efficacy_final'].mean().item():.{decimals}f}",
     ]
+    if "collapse_edit" in ds:
+        first = int(ds["collapse_edit"])
+        lines.append(f"ended: {ds.attrs.get('stop_reason', '?')} after {n} edits; collapse rule first held "
+                     + (f"after edit {first}" if first >= 0 else "never"))
     for name in en["edited"].values:
         series = en.sel(edited=name).values
         layer, mtype = name.split(":")
@@ -48,9 +52,14 @@ def edit_table(ds: xr.Dataset, decimals: int = 2) -> str:
         nll = f"{e['nll_new_pre'].item():.{decimals}f}/{e['nll_new'].item():.{decimals}f}"
         rows.append(
             f"{int(e['edit']):>4} {str(e['subject'].item())[:28]:<28} {change[:34]:<34} {nll:>16} "
-            f"{int(e['efficacy']):>3} {e['delta_norm'].item():>7.{decimals}f}"
+            f"{_flag(e['efficacy'].item()):>3} {e['delta_norm'].item():>7.{decimals}f}"
         )
     return "\n".join(rows)
+
+
+def _flag(value) -> str:
+    """0/1 as a digit, a missing value (a non-finite model was not scored) as '-'."""
+    return "-" if value != value else str(int(value))
 
 
 def provenance_lines(ds: xr.Dataset, path) -> str:

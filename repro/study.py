@@ -25,7 +25,7 @@ EXECUTED = ROOT / "book" / "runs"
 
 
 # Parameters added after some runs were made, with the value those older files implicitly used.
-IMPLICIT = {"measure_every": 0, "measure": {}}
+IMPLICIT = {"measure_every": 0, "measure": {}, "measure_at": [], "collapse": {}}
 
 RUNS_PART = "Runs (executed notebooks)"
 TOC = ROOT / "book" / "_toc.yml"

@@ -43,6 +43,10 @@ class MeasureParams:
     probe_max_length: int = 32  # tokens per probe text
     k: int = 10  # principal subspace dimension
     pca_points: int = 128  # probe tokens in the 2-D PCA picture
+    # edit quality over a sample of the facts edited so far (repro.measure.quality.quality_sample):
+    # the first `quality_first` edits plus a seeded random `quality_sample` of the rest; 0 and 0: all
+    quality_first: int = 0
+    quality_sample: int = 0
     parts: tuple[str, ...] = PARTS  # which parts to measure
 
     def __post_init__(self):
@@ -55,6 +59,9 @@ class MeasureParams:
                      "probe_max_length", "k", "pca_points"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("quality_first", "quality_sample"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0 and 0: score every edited fact), got {getattr(self, name)}")
         if self.probe_general < 0:
             raise ValueError(f"probe_general must be >= 0, got {self.probe_general}")
 
@@ -93,7 +100,8 @@ class Measurer:
             seconds[part] = time.perf_counter() - t
 
         if "quality" in mp.parts:
-            timed("quality", lambda: edit_quality(lm, self.records, n_done))
+            timed("quality", lambda: edit_quality(lm, self.records, n_done, mp.quality_first,
+                                                   mp.quality_sample, self.seed))
         if "generation" in mp.parts:
             timed("generation", self._generation)
         if "downstream" in mp.parts:

@@ -1,0 +1,141 @@
+"""What long sequential runs need: edit quality over a fixed-size sample of the edited facts,
+checkpoints at chosen edit counts, and the collapse rule (recorded, and stopping the run cleanly).
+Runs use the tiny random model (``tiny_dir``); the rules themselves are tested on plain arrays."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from repro import experiment
+from repro.experiment import SequentialParams, run_sequential
+from repro.measure.collapse import CollapseParams, collapsed_for, first_collapse
+from repro.measure.quality import estimate, quality_sample
+
+CHEAP = {"layer": 1, "v_steps": 2, "stats_tokens": 2000, "n_prefix_short": 1, "n_prefix_long": 1}
+SMALL = {"n_test": 4, "n_recall": 6, "ppl_tokens": 256, "ppl_ctx": 64, "n_gen": 2, "gen_tokens": 8,
+         "probe_edit": 3, "probe_general": 2, "probe_max_length": 12, "k": 3, "pca_points": 10}
+
+
+def params(tmp_path, tiny_dir, **kw):
+    base = dict(model=tiny_dir, editor="r-rome", n_edits=5, measure_every=0, checkpoint_every=1,
+                output=str(tmp_path / "run.nc"), hparams=CHEAP)
+    base.update(kw)
+    return SequentialParams(**base)
+
+
+# -- the quality sample -------------------------------------------------------------------------
+def test_quality_sample_is_all_facts_until_the_budget_then_first_plus_seeded_rest():
+    assert list(quality_sample(7)) == list(range(7))  # no sample asked: every fact
+    assert list(quality_sample(5, first=3, sample=2)) == [0, 1, 2, 3, 4]  # within budget: all
+    got = quality_sample(1000, first=100, sample=200, seed=4)
+    assert len(got) == 300 and len(set(got)) == 300
+    assert list(got[:100]) == list(range(100)) and got.max() < 1000 and (np.diff(got) > 0).all()
+    np.testing.assert_array_equal(got, quality_sample(1000, first=100, sample=200, seed=4))
+    assert not np.array_equal(got, quality_sample(1000, first=100, sample=200, seed=5))
+    with pytest.raises(ValueError):
+        quality_sample(10, first=-1)
+
+
+def test_estimate_weights_each_part_by_the_facts_it_stands_for():
+    vals = np.full(10, np.nan)
+    vals[:2] = 1.0  # first block: 2 facts, all succeed
+    vals[[4, 7]] = [0.0, 0.0]  # 2 sampled of the 8 others, both fail
+    assert estimate(vals, 10, first=2) == pytest.approx(0.2)  # (2*1 + 8*0) / 10, not the plain 0.5
+    full = np.array([1.0, 0.0, 1.0, 1.0])
+    assert estimate(full, 4, first=2) == pytest.approx(0.75)  # every fact scored: the plain mean
+
+
+# -- the collapse rule -------------------------------------------------------------------------------
+def test_first_collapse_and_streak_length():
+    done = np.array([10, 20, 30, 40, 50])
+    assert first_collapse(done, [0, 0, 0, 0, 0]) == -1
+    assert first_collapse(done, [0, 1, 0, 1, 1]) == 20
+    assert collapsed_for(done, [0, 1, 0, 1, 1]) == 10  # collapsed again since 40, last probe 50
+    assert collapsed_for(done, [1, 1, 1, 1, 1]) == 40
+    assert collapsed_for(done, [1, 1, 1, 1, 0]) is None
+    assert "10x" in CollapseParams().rule()
+    for bad in ({"factor": 1.0}, {"factor": float("inf")}, {"probe_tokens": 2}, {"patience": -1}):
+        with pytest.raises(ValueError):
+            CollapseParams(**bad)
+
+
+# -- runs ----------------------------------------------------------------------------------------
+def test_checkpoints_at_chosen_counts_with_a_sampled_quality(tmp_path, tiny_dir):
+    p = params(tmp_path, tiny_dir, measure_at=[1, 4],
+               measure=dict(SMALL, parts=["quality"], quality_first=1, quality_sample=1))
+    ds = run_sequential(p, progress=False)
+    assert list(ds["ckpt"].values) == [0, 1, 4, 5]
+    scored = ds["fact_es"].notnull().sum("edit")
+    assert list(scored.values) == [0, 1, 2, 2] and list(ds["quality_n"].values) == [0, 1, 2, 2]
+    assert bool(ds["fact_es"].sel(ckpt=4, edit=1).notnull())  # the first edit is always followed
+    assert ds.attrs["stop_reason"] == "completed" and int(ds["collapse_edit"]) == -1
+    assert ds["probe_ppl"].notnull().all() and float(ds["probe_ppl"].attrs["unedited"]) > 0
+
+
+@pytest.mark.parametrize("bad", [[0], [6], [2.5]])
+def test_measure_at_outside_the_run_is_rejected(tmp_path, tiny_dir, bad):
+    with pytest.raises(ValueError, match="measure_at"):
+        run_sequential(params(tmp_path, tiny_dir, measure_at=bad))
+
+
+def _sabotage(monkeypatch, at_call: int, how):
+    """Make the editor's ``at_call``-th apply damage the model after editing."""
+    real = experiment.make_editor
+
+    def wrapped(*a, **k):
+        editor = real(*a, **k)
+        apply, calls = editor.apply, []
+
+        def damaged(reqs):
+            out = apply(reqs)
+            calls.append(1)
+            if len(calls) == at_call:
+                how(editor.lm)
+            return out
+
+        editor.apply = damaged
+        return editor
+
+    monkeypatch.setattr(experiment, "make_editor", wrapped)
+
+
+def test_non_finite_weights_stop_the_run_with_its_file_written(tmp_path, tiny_dir, monkeypatch):
+    def poison(lm):
+        with torch.no_grad():
+            lm.spec.weight(lm.model, 1, lm.spec.mlp_out)[0, 0] = float("nan")
+
+    _sabotage(monkeypatch, 2, poison)
+    p = params(tmp_path, tiny_dir, measure_at=[1, 3], measure=dict(SMALL, parts=["quality"]))
+    ds = run_sequential(p, progress=False)
+    assert ds.attrs["stop_reason"] == "non-finite" and int(ds.attrs["n_edits_done"]) == 2
+    assert ds.sizes["edit"] == 2 and int(ds["collapse_edit"]) == 2
+    assert list(ds["collapsed"].values) == [0, 1]
+    # the metrics of the non-finite model are missing, never numbers computed from NaN
+    assert np.isnan(float(ds["nll_new"][1])) and np.isnan(float(ds["efficacy"][1]))
+    assert bool(ds["efficacy_final"].isnull().all()) and float(ds["efficacy"][0]) in (0.0, 1.0)
+    assert list(ds["ckpt"].values) == [0, 1]  # no measurement of the broken model
+    assert not (tmp_path / "run.nc.state.pt").exists()
+
+
+def test_collapsed_model_stops_after_the_patience(tmp_path, tiny_dir, monkeypatch):
+    def sharpen(lm):  # confident, wrong logits: the probe perplexity explodes
+        with torch.no_grad():
+            lm.model.model.norm.weight.mul_(50.0)
+
+    _sabotage(monkeypatch, 2, sharpen)
+    p = params(tmp_path, tiny_dir, n_edits=8, collapse={"patience": 2})
+    ds = run_sequential(p, progress=False)
+    assert int(ds["collapse_edit"]) == 2 and ds.attrs["stop_reason"] == "collapsed"
+    assert ds.sizes["edit"] == 4  # collapsed at edit 2, still collapsed 2 edits later
+    ref = float(ds["probe_ppl"].attrs["unedited"])
+    assert float(ds["probe_ppl"][0]) < 10 * ref < float(ds["probe_ppl"][1])
+    assert "patience" not in ds.attrs["collapse_rule"] and "2 edits" in ds.attrs["collapse_rule"]
+
+
+def test_resume_state_from_before_a_new_parameter_still_resumes():
+    current = SequentialParams(n_edits=7).as_dict()
+    older = {k: v for k, v in current.items() if k not in ("measure_at", "collapse")}
+    assert experiment.same_params(older, current)  # new parameters at their defaults
+    assert not experiment.same_params(older, dict(current, measure_at=[5]))
+    assert not experiment.same_params(dict(older, n_edits=8), current)
