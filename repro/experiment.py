@@ -150,12 +150,17 @@ def _edit_scores(lm: LoadedModel, reqs: list[EditRequest]) -> tuple[np.ndarray, 
 def run_sequential(params: SequentialParams, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
     """Run (or resume, or reuse) a sequential editing run and return its Dataset."""
     params.validate()
+    overwrite = store.parse_bool(overwrite, "overwrite")
     output = from_root(params.output)
     pdict = params.as_dict()
     done = store.existing_run(output, pdict, overwrite)
     if done is not None:
         return done
+    with store.RunLock(output):
+        return _run(params, output, pdict, progress)
 
+
+def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) -> xr.Dataset:
     lm = load_model(params.model, device=params.device)
     all_records = load_records(from_root(params.facts))
     records = select_records(all_records, params.n_edits, params.seed, params.split)

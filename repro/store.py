@@ -109,3 +109,76 @@ def existing_run(path: str | Path, params: dict, overwrite: bool = False) -> xr.
     if run_params(done) != json.loads(json.dumps(params, sort_keys=True, default=str)):
         raise FileExistsError(f"{path} exists with other parameters; pass overwrite=True to replace it")
     return done
+
+
+def parse_bool(value, name: str) -> bool:
+    """A boolean parameter given as a bool or as text ("true"/"false", "yes"/"no", "1"/"0", any
+    case: papermill's ``-p flag false`` arrives as a string); anything else is an error, never
+    truthy."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "yes", "1"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "no", "0"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def lock_path(output: str | Path) -> Path:
+    """The lock a run holds on its output while writing: ``<output>.lock`` beside it."""
+    output = Path(output)
+    return output.with_name(output.name + ".lock")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class RunLock:
+    """Exclusive right to write one run's output (and its resume state), held as a lock file with
+    the owner's pid, host and start time. A second writer fails at once, naming the owner; a lock
+    left by a process that no longer runs on this host is stale and taken over."""
+
+    def __init__(self, output: str | Path):
+        self.path = lock_path(output)
+        self.held = False
+
+    def __enter__(self) -> "RunLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = json.dumps({"pid": os.getpid(), "host": platform.node(),
+                         "since": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and owner.get("host") == platform.node() and not _alive(int(owner.get("pid", -1))):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                who = (f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since')}"
+                       if owner else "an unknown process (unreadable lock)")
+                raise RuntimeError(
+                    f"{self.path.name[:-5]} is being written by {who}; wait for it to finish, or remove "
+                    f"{self.path} if that process is gone") from None
+            with os.fdopen(fd, "w") as fh:
+                fh.write(me)
+            self.held = True
+            return self
+        raise RuntimeError(f"could not take the lock {self.path}")
+
+    def _owner(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            self.path.unlink(missing_ok=True)
+            self.held = False

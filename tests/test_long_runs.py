@@ -139,3 +139,14 @@ def test_resume_state_from_before_a_new_parameter_still_resumes():
     assert experiment.same_params(older, current)  # new parameters at their defaults
     assert not experiment.same_params(older, dict(current, measure_at=[5]))
     assert not experiment.same_params(dict(older, n_edits=8), current)
+
+
+def test_a_run_whose_output_is_being_written_is_refused(tmp_path, tiny_dir):
+    from repro import store
+
+    p = params(tmp_path, tiny_dir)
+    with store.RunLock(p.output):  # as if another process were writing this run
+        with pytest.raises(RuntimeError, match="being written by pid"):
+            run_sequential(p, progress=False)
+    with pytest.raises(ValueError, match="overwrite"):
+        run_sequential(p, overwrite="flase", progress=False)

@@ -29,3 +29,37 @@ def test_failed_write_leaves_no_file(tmp_path):
     with pytest.raises(Exception):
         store.write_netcdf(ds, tmp_path / "run.nc")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value,expected", [(True, True), (False, False), ("false", False), ("False", False),
+                                            ("TRUE", True), ("yes", True), ("0", False), ("1", True)])
+def test_booleans_from_papermill_strings_are_parsed(value, expected):
+    assert store.parse_bool(value, "overwrite") is expected
+
+
+@pytest.mark.parametrize("value", ["flase", "", 2, None, "on"])
+def test_other_values_are_refused_not_truthy(value):
+    with pytest.raises(ValueError, match="overwrite"):
+        store.parse_bool(value, "overwrite")
+
+
+def test_a_second_writer_fails_at_once_and_a_stale_lock_is_taken_over(tmp_path):
+    import json
+    import os
+    import platform
+    import subprocess
+
+    out = tmp_path / "run.nc"
+    with store.RunLock(out):
+        assert store.lock_path(out).exists()
+        with pytest.raises(RuntimeError, match=f"pid {os.getpid()}"):
+            store.RunLock(out).__enter__()
+    assert not store.lock_path(out).exists()  # released
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    store.lock_path(out).write_text(json.dumps({"pid": proc.pid, "host": platform.node(), "since": "x"}))
+    with store.RunLock(out) as lock:  # its owner is gone: taken over
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    store.lock_path(out).write_text(json.dumps({"pid": 1, "host": "another-host", "since": "x"}))
+    with pytest.raises(RuntimeError, match="another-host"):
+        store.RunLock(out).__enter__()
