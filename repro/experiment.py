@@ -174,13 +174,19 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
 
     probe = CollapseProbe(lm, load_text("test"), edited, CollapseParams(**params.collapse))
 
+    # the unedited weights: the freshly loaded model's (also when resuming: they are not saved)
+    weights0 = [weight(l, m).detach().cpu().clone() for l, m in edited]
     state = {"params": pdict, "done": 0, "rows": [], "norm_steps": [], "norms": [], "drift": [],
-             "elapsed": 0.0, "measures": [], "measure_seconds": 0.0,
-             "weights0": [weight(l, m).detach().cpu().clone() for l, m in edited]}
+             "elapsed": 0.0, "measures": [], "measure_seconds": 0.0, "weights0": weights0}
     if state_file.exists():
-        saved = torch.load(state_file, weights_only=False)
+        try:
+            saved = torch.load(state_file, weights_only=False)
+        except Exception as err:  # a truncated or corrupt file: say which, and what to do
+            raise RuntimeError(f"the resume state {state_file} cannot be read ({type(err).__name__}: {err}); "
+                               f"delete it to start the run over") from err
         if same_params(saved["params"], pdict):
             state = saved
+            state.setdefault("weights0", weights0)
             with torch.no_grad():
                 for (layer, mtype), w in zip(edited, saved["weights"]):
                     weight(layer, mtype).copy_(w.to(lm.device))
@@ -222,7 +228,8 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
         state["elapsed"] = time.perf_counter() - t0
         state["weights"] = [weight(l, m).detach().cpu().clone() for l, m in edited]
         state["editor"] = editor.state_dict()
-        store.save_state(state_file, state)
+        # the unedited weights are those of the loaded model: not saved (smaller state files)
+        store.save_state(state_file, {k: v for k, v in state.items() if k != "weights0"})
 
     def record_norms():
         state["norm_steps"].append(state["done"])

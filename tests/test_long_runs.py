@@ -150,3 +150,12 @@ def test_a_run_whose_output_is_being_written_is_refused(tmp_path, tiny_dir):
             run_sequential(p, progress=False)
     with pytest.raises(ValueError, match="overwrite"):
         run_sequential(p, overwrite="flase", progress=False)
+
+
+def test_a_damaged_state_file_is_named_with_advice(tmp_path, tiny_dir):
+    from repro import store
+
+    p = params(tmp_path, tiny_dir)
+    store.state_path(p.output).write_bytes(b"PK\x03\x04 truncated")
+    with pytest.raises(RuntimeError, match="run.nc.state.pt cannot be read.*delete it"):
+        run_sequential(p, progress=False)
