@@ -217,3 +217,57 @@ def summary_table(runs: dict) -> str:
         )
     rows.append("(in brackets: the unedited model, checkpoint 0)")
     return "\n".join(rows)
+
+
+# -- F2 at length: the whole trajectory of the long runs --------------------------------------------
+def run_batch(ds: xr.Dataset) -> int:
+    import json
+
+    return int(json.loads(ds.attrs.get("params", "{}")).get("batch_size", 1))
+
+
+def long_runs(runs: dict, min_edits: int = 1000) -> dict:
+    """The runs planned for at least ``min_edits`` edits (finished, or stopped early by collapse)."""
+    import json
+
+    return {rid: v for rid, v in runs.items()
+            if int(json.loads(v[0].attrs.get("params", "{}")).get("n_edits", 0)) >= min_edits}
+
+
+def plot_long_norm_growth(runs: dict, ax=None):
+    """Mean ‖W‖_F of each run's edited matrices vs number of edits (log axis), one colour per editor
+    (dashed: batches of 100); the largest unedited matrix of the same type as a grey line; a dot
+    where the run's largest edited matrix first passes it, a cross where the collapse rule first
+    held."""
+    from .report import crossing_edit
+
+    ax = ax or plt.subplots(figsize=(7, 4.2))[1]
+    colors = editor_colors(runs)
+    ceiling = []
+    for ds, _ in runs.values():
+        en = edited_norms(ds)
+        mtype = str(en["edited"].values[0]).split(":")[1]
+        unedited = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0)
+        ceiling.append(float(unedited.isel(step=0).max()))
+        steps = ds["step"].values
+        keep = steps > 0
+        y = en.mean("edited").values
+        color = colors[str(ds.attrs.get("editor"))]
+        batch = run_batch(ds)
+        label = _label(ds) + (f" (batches of {batch})" if batch > 1 else "")
+        ax.plot(steps[keep], y[keep], color=color, lw=1.8, ls="--" if batch >= 100 else "-", label=label)
+        cross = crossing_edit(ds)
+        if cross > 0:
+            ax.plot([cross], [y[list(steps).index(cross)]], "o", color=color, ms=6, mec="k", mew=0.6)
+        first = int(ds["collapse_edit"]) if "collapse_edit" in ds else -1
+        if first > 0:
+            at = min(range(len(steps)), key=lambda i: abs(steps[i] - first))
+            ax.plot([steps[at]], [y[at]], "X", color=color, ms=9, mec="k", mew=0.6)
+    if ceiling:
+        ax.axhline(max(ceiling), color="0.5", lw=1, ls=":", label="largest unedited matrix")
+    ax.plot([], [], "o", color="0.6", mec="k", mew=0.6, label="passes it")
+    ax.plot([], [], "X", color="0.6", mec="k", mew=0.6, ms=8, label="collapse rule first holds")
+    ax.set_xscale("log")
+    ax.set(xlabel="number of edits (log scale)", ylabel="mean ‖W‖ of the edited matrices")
+    ax.legend(frameon=False, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax

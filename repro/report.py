@@ -17,6 +17,17 @@ def edited_norms(ds: xr.Dataset) -> xr.DataArray:
     )
 
 
+def crossing_edit(ds: xr.Dataset) -> int:
+    """The first measured edit count after which an edited matrix's norm exceeds the largest norm
+    among the unedited matrices of its type at that step (-1: never)."""
+    en = edited_norms(ds)
+    mtype = str(en["edited"].values[0]).split(":")[1]
+    unedited = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0)
+    above = (en.max("edited") > unedited.max("layer")).values
+    hits = np.flatnonzero(above)
+    return int(ds["step"].values[hits[0]]) if hits.size else -1
+
+
 def summarize_run(ds: xr.Dataset, decimals: int = 3) -> str:
     """A few deterministic lines: edits, efficacy, norms of edited vs unedited matrices."""
     en = edited_norms(ds)

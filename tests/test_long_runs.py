@@ -159,3 +159,49 @@ def test_a_damaged_state_file_is_named_with_advice(tmp_path, tiny_dir):
     store.state_path(p.output).write_bytes(b"PK\x03\x04 truncated")
     with pytest.raises(RuntimeError, match="run.nc.state.pt cannot be read.*delete it"):
         run_sequential(p, progress=False)
+
+
+def test_crossing_edit_is_where_an_edited_matrix_passes_the_largest_unedited_one():
+    import xarray as xr
+
+    from repro.report import crossing_edit
+
+    norms = np.zeros((4, 3, 1))
+    norms[:, 0, 0] = [10.0, 11.0, 12.0, 13.0]  # edited layer 0
+    norms[:, 1, 0] = 11.5  # the largest unedited layer
+    norms[:, 2, 0] = 9.0
+    ds = xr.Dataset({"weight_norm": (("step", "layer", "matrix"), norms),
+                     "edited": (("layer", "matrix"), np.array([[1], [0], [0]], dtype=np.int8))},
+                    coords={"step": [0, 10, 100, 1000], "layer": [0, 1, 2], "matrix": ["mlp_down"]})
+    assert crossing_edit(ds) == 100
+    ds["weight_norm"][:, 1, 0] = 20.0
+    assert crossing_edit(ds) == -1
+
+
+def test_long_growth_figure_marks_crossing_and_collapse():
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import xarray as xr
+
+    from repro.measured import long_runs, plot_long_norm_growth
+
+    def run(editor, n, growth, collapse):
+        steps = np.array([0, 10, 100, 1000][: 2 + (n >= 1000) * 2])
+        norms = np.ones((len(steps), 2, 1)) * 10.0
+        norms[:, 0, 0] = 10.0 * growth ** (steps / steps[-1])
+        ds = xr.Dataset({"weight_norm": (("step", "layer", "matrix"), norms),
+                         "edited": (("layer", "matrix"), np.array([[1], [0]], dtype=np.int8)),
+                         "collapse_edit": ((), collapse)},
+                        coords={"step": steps, "layer": [0, 1], "matrix": ["mlp_down"]},
+                        attrs={"editor": editor, "params": json.dumps({"n_edits": n, "batch_size": 1})})
+        return ds, None
+
+    runs = {"a": run("rome", 1000, 3.0, 100), "b": run("memit", 1000, 1.0, -1), "c": run("ft-m", 10, 2.0, -1)}
+    assert set(long_runs(runs)) == {"a", "b"}
+    ax = plot_long_norm_growth(long_runs(runs))
+    marks = [line for line in ax.lines if line.get_marker() in ("o", "X") and len(line.get_xdata())]
+    assert sorted((line.get_marker(), float(line.get_xdata()[0])) for line in marks) == [("X", 100.0), ("o", 10.0)]
+    assert ax.get_xscale() == "log"
