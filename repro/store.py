@@ -90,8 +90,14 @@ def write_netcdf(ds: xr.Dataset, path: str | Path) -> Path:
 
 def read_netcdf(path: str | Path) -> xr.Dataset:
     """Load a run file fully into memory (and close it), so that it can be rewritten later."""
-    with xr.open_dataset(path, engine="netcdf4") as ds:
-        return ds.load()
+    try:
+        with xr.open_dataset(path, engine="netcdf4") as ds:
+            return ds.load()
+    except FileNotFoundError:
+        raise
+    except (OSError, RuntimeError, ValueError) as err:  # e.g. "NetCDF: HDF error" on a damaged file
+        raise OSError(f"{path} cannot be read as a NetCDF run file ({type(err).__name__}: {err}); "
+                      f"rerun the run that makes it, or restore it (git checkout -- {Path(path).name})") from err
 
 
 def run_params(ds: xr.Dataset) -> dict:

@@ -63,3 +63,10 @@ def test_a_second_writer_fails_at_once_and_a_stale_lock_is_taken_over(tmp_path):
     store.lock_path(out).write_text(json.dumps({"pid": 1, "host": "another-host", "since": "x"}))
     with pytest.raises(RuntimeError, match="another-host"):
         store.RunLock(out).__enter__()
+
+
+def test_a_damaged_run_file_is_named(tmp_path):
+    bad = tmp_path / "broken.nc"
+    bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    with pytest.raises(OSError, match="broken.nc cannot be read"):
+        store.read_netcdf(bad)

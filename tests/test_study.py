@@ -91,3 +91,15 @@ def test_toc_lists_exactly_the_executed_runs(tmp_path, monkeypatch):
     table = yaml.safe_load(toc.read_text())
     assert table["parts"][0]["chapters"] == [{"file": "setup"}]
     assert table["parts"][1]["chapters"] == [{"file": "runs/b", "title": "Run: b"}]
+
+
+def test_a_damaged_run_file_is_listed_as_unreadable_not_a_crash(tmp_path, monkeypatch, capsys):
+    prof = tmp_path / "s.yaml"
+    prof.write_text("p:\n  - id: r1\n    notebook: notebooks/sequential_editing.ipynb\n"
+                    f"    parameters: {{output: {tmp_path}/r1.nc, seed: 0}}\n")
+    (tmp_path / "r1.nc").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
+    (tmp_path / "r1.ipynb").write_text("{}")
+    monkeypatch.setattr(study, "PROFILES", prof)
+    monkeypatch.setattr(study, "EXECUTED", tmp_path)
+    assert study.main(["--profile", "p", "--list"]) == 0
+    assert "stale" in capsys.readouterr().out and "unreadable r1.nc" in study.load_profile("p")[0].stale()[0]
