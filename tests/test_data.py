@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from repro.data.counterfact import parse_record, parse_records
 
 REPO = Path(__file__).resolve().parents[1]
 FACTS = REPO / "data" / "facts" / "smollm2-135m.json"
+# long-sequence files (preset "long") and the fewest records each must have
+LONG_FACTS = {REPO / "data" / "facts" / "smollm2-135m-long.json": 5000}
 
 ORIGINAL = {  # as in the original CounterFact file (abridged)
     "case_id": 0,
@@ -123,9 +126,14 @@ def test_load_records_names_the_file(tmp_path: Path) -> None:
         load_records(path)
 
 
-@pytest.fixture(scope="module")
-def facts() -> list[Record]:
-    return load_records(FACTS)
+@pytest.fixture(scope="module", params=[FACTS, *LONG_FACTS], ids=lambda p: p.stem)
+def facts(request) -> list[Record]:
+    return load_records(request.param)
+
+
+@pytest.fixture(scope="module", params=list(LONG_FACTS), ids=lambda p: p.stem)
+def long_facts(request) -> tuple[list[Record], int]:
+    return load_records(request.param), LONG_FACTS[request.param]
 
 
 def test_committed_facts_size_and_relations(facts: list[Record]) -> None:
@@ -161,6 +169,36 @@ def test_committed_edited_subjects_are_not_neighbors(facts: list[Record]) -> Non
         rel = RELATIONS[rec.relation_id or ""]
         filled = {t.format(rec.requested_rewrite.subject) for t in rel.templates}
         assert not filled & hood[rel.rid], rec.case_id
+
+
+def test_long_facts_distinct_subjects_and_size(long_facts: tuple[list[Record], int]) -> None:
+    records, least = long_facts
+    subjects = [r.requested_rewrite.subject for r in records]
+    assert len(records) >= least
+    assert len(set(subjects)) == len(subjects)
+    assert len({r.relation_id for r in records}) >= 8
+
+
+def test_long_facts_never_use_an_edited_subject_as_neighbor(long_facts: tuple[list[Record], int]) -> None:
+    records, _ = long_facts
+    subjects = {r.requested_rewrite.subject for r in records}
+    for rid in {r.relation_id for r in records}:
+        edited = {t.format(s) for t in RELATIONS[rid or ""].templates for s in subjects}
+        for rec in records:
+            if rec.relation_id == rid:
+                assert not edited & set(rec.neighborhood_prompts), rec.case_id
+
+
+def test_long_facts_fit_a_3000_edit_run(long_facts: tuple[list[Record], int]) -> None:
+    from repro.experiment import held_out_records, select_records, split_of
+
+    records, least = long_facts
+    n = 3000 if least >= 5000 else 1000
+    chosen = select_records(records, n, seed=0)
+    held = held_out_records(records, chosen, 50, seed=0)
+    assert len({r.requested_rewrite.subject for r in chosen}) == n
+    assert not {r.requested_rewrite.subject for r in held} & {r.requested_rewrite.subject for r in chosen}
+    assert sum(split_of(r) == "eval" for r in records) >= 0.8 * least
 
 
 def test_text_splits() -> None:
@@ -254,3 +292,104 @@ def test_bigbench_link_is_read_from_the_simple_index(monkeypatch):
     monkeypatch.setattr(sources.urllib.request, "urlopen", lambda url, timeout=0: Resp(page[:80]))
     with pytest.raises(FileNotFoundError, match="not listed"):
         sources.tarball_url("https://idx.example/simple")
+
+
+# --------------------------------------------------------------------------------------------
+# Presets and the long-sequence builder (no model)
+# --------------------------------------------------------------------------------------------
+def test_default_preset_is_the_original_build() -> None:
+    from repro.data.build_facts import BASE_RELATIONS, MIN_CITY_POPULATION, PRESETS, resolve_preset
+
+    default = PRESETS["default"]
+    assert sorted(default.relations) == ["P103", "P1303", "P17", "P27", "P30", "P364", "P37", "P495"]
+    assert default.relations == BASE_RELATIONS and MIN_CITY_POPULATION == 300_000
+    assert (default.max_checked, default.min_city_population, default.max_records, default.max_per_object,
+            default.distinct_subjects, default.suffix) == (1500, 300_000, None, None, False, "")
+    long = resolve_preset("long", max_checked=None, max_records=7)  # None keeps the preset's value
+    assert long.max_checked is None and long.max_records == 7 and long.distinct_subjects
+    assert long.suffix == "-long" and set(BASE_RELATIONS) < set(long.relations)
+
+
+def test_religion_facts_parse_and_keep_only_listed_religions() -> None:
+    from repro.data.build_facts import RELIGIONS, clean_facts, qa_wikidata_facts
+
+    task = {"examples": [
+        {"input": "The religion of Aamir Khan is", "target": "Islam"},
+        {"input": "The religion of Abbasid Caliphate is", "target": "Islam"},
+        {"input": "The religion of AJ Michalka is", "target": "Christianity"},  # contains Catholicism
+        {"input": "The religion of Daisy Ridley is", "target": "Jedi"},  # not a listed religion
+        {"input": "The religion of Judaism is", "target": "Judaism"},  # trivial
+    ]}
+    facts = qa_wikidata_facts(task)
+    assert [f.rid for f in facts] == ["P140"] * 5
+    kept = clean_facts(facts)
+    assert sorted((f.subject, f.obj) for f in kept) == [("Aamir Khan", "Islam"), ("Abbasid Caliphate", "Islam")]
+    assert "Christianity" not in RELIGIONS and RELATIONS["P140"].kind == "religion"
+    assert all(t.count("{}") == 1 for t in RELATIONS["P140"].templates + RELATIONS["P140"].generation)
+
+
+def test_city_population_threshold() -> None:
+    from repro.data.build_facts import geo_facts
+
+    big = {f.subject for f in geo_facts() if f.rid == "P17"}
+    more = {f.subject for f in geo_facts(100_000) if f.rid == "P17"}
+    assert big < more and len(more) > 2 * len(big)
+
+
+def test_facts_to_check_samples_per_relation_or_takes_all() -> None:
+    from repro.data.build_facts import Fact, facts_to_check
+
+    facts = [Fact(rid, f"s{i}", "o", "test") for rid in ("P17", "P27") for i in range(30)]
+    some = facts_to_check(facts, 10, seed=0)
+    assert [f.rid for f in some] == ["P17"] * 10 + ["P27"] * 10
+    assert some == facts_to_check(facts, 10, seed=0) != facts_to_check(facts, 10, seed=1)
+    assert sorted(facts_to_check(facts, None, seed=0), key=lambda f: (f.rid, int(f.subject[1:]))) == facts
+
+
+def _toy_facts():
+    """Two relations over the same people: P27 (two countries) and P103 (one language)."""
+    from repro.data.build_facts import Fact
+
+    p27 = [Fact("P27", f"Person {i}", "France" if i < 30 else "Italy", "test") for i in range(40)]
+    p103 = [Fact("P103", f"Person {i}", "French", "test") for i in range(0, 40, 2)]
+    p103 += [Fact("P103", f"Writer {i}", "French", "test") for i in range(6)]
+    cands = {"P27": ["France", "Italy", "Spain"], "P103": ["French", "English", "German"]}
+    known = {f: [f.obj] + [c for c in cands[f.rid] if c != f.obj] for f in p27 + p103
+             if not f.subject.startswith("Writer")}
+    return p27 + p103, known
+
+
+def test_distinct_subject_records_edit_each_subject_once() -> None:
+    from repro.data.build_facts import MIN_NEIGHBORS, distinct_subject_records
+
+    facts, known = _toy_facts()
+    records = distinct_subject_records(facts, known, ["P27", "P103"], seed=0)
+    subjects = [r.requested_rewrite.subject for r in records]
+    assert len(subjects) == len(set(subjects)) and records
+    by_rel = {rid: {r.requested_rewrite.subject for r in records if r.relation_id == rid} for rid in ("P27", "P103")}
+    # P103 has fewer candidates (10 against 25), so it keeps all of its own; P27 edits none of them
+    alone = {r.requested_rewrite.subject for r in distinct_subject_records(facts, known, ["P103"], seed=0)}
+    assert by_rel["P103"] == alone and len(alone) == 10 and not by_rel["P27"] & alone
+    assert by_rel["P27"] and all(s.startswith("Person") for s in by_rel["P27"])
+    for rec in records:
+        rel = RELATIONS[rec.relation_id or ""]
+        assert len(rec.neighborhood_prompts) >= MIN_NEIGHBORS
+        for prompt in rec.neighborhood_prompts:  # a neighbor is never edited, in any relation
+            assert not any(prompt == t.format(s) for t in rel.templates for s in subjects), prompt
+        rw = rec.requested_rewrite
+        assert rw.target_true == next(f.obj for f in facts if (f.rid, f.subject) == (rec.relation_id, rw.subject))
+    again = distinct_subject_records(facts, known, ["P103", "P27"], seed=0)
+    assert again == records  # deterministic, whatever the relation order given
+
+
+def test_distinct_subject_records_caps() -> None:
+    from repro.data.build_facts import distinct_subject_records
+
+    facts, known = _toy_facts()
+    few = distinct_subject_records(facts, known, ["P27", "P103"], seed=0, max_records=3)
+    assert Counter(r.relation_id for r in few) == {"P27": 3, "P103": 3}
+    capped = distinct_subject_records(facts, known, ["P27"], seed=0, max_per_object=4)
+    assert Counter(r.requested_rewrite.target_true for r in capped) == {"France": 4, "Italy": 4}
+    # with P27 alone, every known P27 fact not reserved as a neighbor (min(10, half)) is edited
+    alone = distinct_subject_records(facts, known, ["P27"], seed=0)
+    assert Counter(r.requested_rewrite.target_true for r in alone) == {"France": 30 - 10, "Italy": 10 - 5}

