@@ -15,7 +15,8 @@ from repro.data.counterfact import parse_record, parse_records
 REPO = Path(__file__).resolve().parents[1]
 FACTS = REPO / "data" / "facts" / "smollm2-135m.json"
 # long-sequence files (preset "long") and the fewest records each must have
-LONG_FACTS = {REPO / "data" / "facts" / "smollm2-135m-long.json": 5000}
+LONG_FACTS = {REPO / "data" / "facts" / "smollm2-135m-long.json": 5000,
+              REPO / "data" / "facts" / "gemma3-270m-long.json": 1500}
 
 ORIGINAL = {  # as in the original CounterFact file (abridged)
     "case_id": 0,
