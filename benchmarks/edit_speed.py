@@ -8,6 +8,8 @@ prefixes, AlphaEdit's projector), then ``--edits`` held-out facts are timed one 
     python benchmarks/edit_speed.py                 # all editors, SmolLM2-135M, 3 edits each
     python benchmarks/edit_speed.py --editors rome memit --edits 5
     python benchmarks/edit_speed.py --micro         # also the two plumbing micro-benchmarks
+    python benchmarks/edit_speed.py --batched 10 100:6   # joint vs one-by-one value optimisation of
+                                                    # MEMIT batches of 10 (and 100, steps capped at 6)
 
 Run it alone on the machine: concurrent jobs on the same cores distort the timings several-fold.
 """
@@ -77,6 +79,73 @@ def one_config(model: str, editor: str, early_stop: str | None, n_edits: int, se
         "peak_rss_mib": _rss_mib(), "rss_after_load_mib": rss_model,
         "threads": torch.get_num_threads(), "device": str(lm.device),
     }
+
+
+def values_config(model: str, editor: str, joint: bool, n: int, steps: int | None, early_stop: str | None,
+                  seed: int, out: Path) -> dict:
+    """Time the value optimisation (step 1 of a batch editor's call) of ``n`` requests, jointly or one
+    after another (in this process); the z found are saved to ``out`` for the comparison."""
+    import torch
+
+    from repro.data.counterfact import load_records
+    from repro.editors import make_editor
+    from repro.experiment import select_requests
+    from repro.models import load_model
+
+    lm = load_model(model)
+    rss_model = _rss_mib()
+    overrides = {"batch_values": joint}
+    if steps:
+        overrides["v_steps"] = steps
+    if early_stop:
+        overrides["early_stop"] = early_stop
+    ed = make_editor(editor, lm, **overrides)
+    reqs = select_requests(load_records(ROOT / "data/facts/smollm2-135m.json"), n + 1, seed)
+    ed.templates  # noqa: B018 (context prefixes generated before the clock starts)
+    steps_set, ed.hp.v_steps = ed.hp.v_steps, 1
+    ed.values(reqs[:1])  # warm-up: one step of one request
+    ed.hp.v_steps = steps_set
+    load0 = os.getloadavg()[0]
+    t, cpu = time.perf_counter(), time.process_time()
+    vals = ed.values(reqs[1:])
+    seconds, cpu = time.perf_counter() - t, time.process_time() - cpu
+    torch.save({"z": torch.stack([v.v_star for v in vals]), "v": torch.stack([v.v_init for v in vals]),
+                "steps": [v.steps for v in vals]}, out)
+    return {"joint": joint, "n": n, "s_per_fact": seconds / n, "seconds": seconds, "cpu_per_fact": cpu / n,
+            "mean_steps": sum(v.steps for v in vals) / n, "v_steps": ed.hp.v_steps,
+            "early_stop": ed.hp.early_stop, "group": ed.hp.batch_values_max if joint else 1,
+            "peak_rss_mib": _rss_mib(), "over_model_mib": _rss_mib() - rss_model,
+            "load": [load0, os.getloadavg()[0]], "threads": torch.get_num_threads()}
+
+
+def batched(model: str, editor: str, specs: list[str], early_stop: str | None, seed: int) -> list[dict]:
+    """Joint vs one-by-one value optimisation for each ``SIZE[:STEPS]`` of ``specs``, each in its own
+    subprocess (peak memory of its own); rows with the largest |z| difference between the two."""
+    import tempfile
+
+    import torch
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for spec in specs:
+            n, _, steps = spec.partition(":")
+            got = {}
+            for joint in (False, True):
+                out = Path(tmp) / f"{n}-{joint}.pt"
+                cmd = [sys.executable, __file__, "--model", model, "--seed", str(seed), "--_values",
+                       f"{editor},{int(joint)},{n},{steps or 0},{early_stop or 'default'},{out}"]
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{spec} joint={joint} failed:\n{proc.stderr[-2000:]}")
+                got[joint] = (json.loads(proc.stdout.strip().splitlines()[-1]), torch.load(out))
+                print(f"  done {n} requests {'joint' if joint else 'one by one'}: "
+                      f"{got[joint][0]['s_per_fact']:.2f} s/fact", file=sys.stderr)
+            (one, z1), (joint, z2) = got[False], got[True]
+            rows.append({"n": int(n), "one": one, "joint": joint,
+                         "max_dz": float((z1["z"] - z2["z"]).abs().max()),
+                         "max_shift": float((z1["z"] - z1["v"]).abs().max()),
+                         "same_steps": z1["steps"] == z2["steps"]})
+    return rows
 
 
 def micro(model: str) -> list[dict]:
@@ -152,9 +221,45 @@ def main(argv=None) -> None:
     ap.add_argument("--edits", type=int, default=3)
     ap.add_argument("--seed", type=int, default=99)
     ap.add_argument("--micro", action="store_true", help="also run the plumbing micro-benchmarks")
+    ap.add_argument("--batched", nargs="+", default=None, metavar="SIZE[:STEPS]",
+                    help="only compare joint and one-by-one value optimisation of batches of SIZE requests "
+                         "(value phase only; STEPS caps the Adam steps)")
+    ap.add_argument("--batched-editor", default="memit")
+    ap.add_argument("--early-stop", default=None, help="for --batched: nll or mpes (default: the editor's)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_values", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+
+    if args._values:  # child process: one value-optimisation timing
+        editor, joint, n, steps, early, out = args._values.split(",", 5)
+        print(json.dumps(values_config(args.model, editor, bool(int(joint)), int(n), int(steps) or None,
+                                       None if early == "default" else early, args.seed, Path(out))))
+        return
+    if args.batched:
+        rows = batched(args.model, args.batched_editor, args.batched, args.early_stop, args.seed)
+        r0 = rows[0]["one"]
+        print(f"\nModel {args.model}, {args.batched_editor} value optimisation (step 1 of a call) only, "
+              f"{r0['threads']} thread(s), stopping {r0['early_stop']}; held-out facts (seed {args.seed}); "
+              f"a warm-up request first; one-by-one = batch_values false, joint = true. CPU s/fact is the "
+              f"process's CPU time (time.process_time), which other jobs' time slices do not inflate; "
+              f"wall s/fact with the load average over the run beside it.\n")
+        print("| requests | max steps | joint group | one-by-one CPU s/fact | joint CPU s/fact | speed-up (CPU) | "
+              "wall s/fact (one / joint) | load avg (one / joint) | mean steps | max abs dz (max abs z-v) | "
+              "same steps | peak RSS over model MiB (one / joint) |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            o, j = r["one"], r["joint"]
+            print(f"| {r['n']} | {o['v_steps']} | {min(j['group'], r['n'])} | {o['cpu_per_fact']:.2f} | "
+                  f"{j['cpu_per_fact']:.2f} | {o['cpu_per_fact'] / j['cpu_per_fact']:.2f}x | "
+                  f"{o['s_per_fact']:.2f} / {j['s_per_fact']:.2f} | "
+                  f"{o['load'][0]:.1f}-{o['load'][1]:.1f} / {j['load'][0]:.1f}-{j['load'][1]:.1f} | "
+                  f"{o['mean_steps']:.1f} | {r['max_dz']:.1e} ({r['max_shift']:.1f}) | "
+                  f"{'yes' if r['same_steps'] else 'no'} | {o['over_model_mib']:.0f} / {j['over_model_mib']:.0f} |")
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(rows, indent=1))
+        return
 
     if args._one:  # child process: one configuration, result as JSON on stdout's last line
         editor, early = args._one.split(",")

@@ -4,14 +4,15 @@ target value v* (the vector the edited matrix must output for the subject).
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from ..hooks import StopForward, capture, edit_output
 from ..models import LoadedModel
-from .prefix import frozen_prefix
+from .prefix import frozen_prefix, select_rows
 
 
 @dataclass
@@ -171,13 +172,29 @@ class ValueResult:
     nll_last: float
 
 
+@dataclass
+class ValueRequest:
+    """One request of :func:`optimize_values`: already-composed prompts with one ``{}`` for the
+    subject each (the first is the plain prompt whose output is v), the subject and the target."""
+
+    templates: list[str]
+    subject: str
+    target: str
+
+
 def optimize_value(
+    lm: LoadedModel, layer: int, mtype: str, templates: list[str], subject: str, target: str, **options
+) -> ValueResult:
+    """v* of one request: :func:`optimize_values` with a single request (ROME, r-ROME, and the
+    batch editors with ``batch_values: false``); ``options`` as there."""
+    return optimize_values(lm, layer, mtype, [ValueRequest(templates, subject, target)], **options)[0]
+
+
+def optimize_values(
     lm: LoadedModel,
     layer: int,
     mtype: str,
-    templates: list[str],
-    subject: str,
-    target: str,
+    requests: list[ValueRequest],
     *,
     steps: int,
     lr: float,
@@ -190,102 +207,244 @@ def optimize_value(
     mpes_extra_steps: int = 0,
     module: torch.nn.Module | None = None,
     reuse_prefix: bool = False,
-) -> ValueResult:
-    """Find v* = v + δ: adding δ to the matrix output at the subject's last token makes the model
-    predict ``target`` after every template (mean token NLL), while keeping the next-token
-    distribution of ``kl_template`` close (KL) and δ small (weight decay relative to ‖v‖, norm clamp).
+    max_requests: int | None = None,
+    drop_finished: bool = True,
+) -> list[ValueResult]:
+    """For each request find v* = v + δ: adding δ to the matrix output at the subject's last token
+    makes the model predict the target after every template (mean token NLL), while keeping the
+    next-token distribution of ``kl_template`` close (KL) and δ small (weight decay relative to ‖v‖,
+    norm clamp).
 
-    Templates are already-composed prompts with one ``{}`` for the subject; the first one is the
-    plain prompt whose output is v. ``module`` is where δ is added (default: the output of matrix
-    ``mtype`` at ``layer``; MEMIT-style editors pass the whole decoder layer, so v is the residual
-    stream there).
+    ``module`` is where δ is added (default: the output of matrix ``mtype`` at ``layer``;
+    MEMIT-style editors pass the whole decoder layer, so v is the residual stream there).
 
-    Stopping: ``early_stop="nll"`` ends once the mean target NLL is below ``nll_stop``;
-    ``"mpes"`` is most-probable early stopping (ENCORE, Gupta et al. 2025): end
+    Stopping: ``early_stop="nll"`` ends once the mean target NLL is below ``nll_stop`` (checked
+    before the step); ``"mpes"`` is most-probable early stopping (ENCORE, Gupta et al. 2025): end
     ``mpes_extra_steps`` steps after every target token is the most probable token at its position
     on every template. Either way at most ``steps`` gradient steps are taken.
 
+    All requests are optimised jointly, one forward and one backward pass per step over all their
+    prompts: each request has its own δ row, which enters only its own prompts' rows; the loss is
+    the sum of the requests' own losses, so each row's gradient, Adam trajectory (element-wise),
+    clamp and stopping are those of optimising the request alone; results equal the one-by-one
+    results up to float rounding. A request that has stopped keeps its δ exactly (its parameter
+    gets no gradient, so Adam skips it) and, with ``drop_finished``, its rows leave the batch, so it
+    costs nothing further. ``max_requests`` caps how many requests share one batch (memory: the
+    backward keeps every layer above the edit's activations for all rows); the groups, formed from
+    requests of similar prompt length, run one after another.
+
     ``reuse_prefix``: compute the layers below the one δ enters once, not at every step
     (:func:`repro.editors.prefix.frozen_prefix`); the result is the same up to float rounding.
+    The model's weights get no gradients meanwhile (``requires_grad`` is switched off and back).
     """
     if early_stop not in ("nll", "mpes"):
         raise ValueError(f"early_stop must be 'nll' or 'mpes', got {early_stop!r}")
-    # rewrite prompts (with the target) and the KL prompt share one batch and one forward pass
-    batch = make_batch(lm, templates + [kl_template], subject, target, n_plain=1)
-    n_rw = len(templates)
+    size = max_requests or len(requests)
+    order = list(range(len(requests)))
+    if size < len(requests):  # groups of similar length pad less
+        order.sort(key=lambda i: _longest_row(lm, requests[i], kl_template))
+    out: list[ValueResult | None] = [None] * len(requests)
+    with weights_frozen(lm.model):
+        for start in range(0, len(requests), size):
+            group = order[start:start + size]
+            found = _optimize_group(
+                lm, layer, mtype, [requests[i] for i in group], steps=steps, lr=lr,
+                weight_decay=weight_decay, kl_factor=kl_factor, clamp_norm_factor=clamp_norm_factor,
+                nll_stop=nll_stop, kl_template=kl_template, early_stop=early_stop,
+                mpes_extra_steps=mpes_extra_steps, module=module, reuse_prefix=reuse_prefix,
+                drop_finished=drop_finished,
+            )
+            for i, res in zip(group, found, strict=True):
+                out[i] = res
+    return out
+
+
+def _longest_row(lm: LoadedModel, req: ValueRequest, kl_template: str) -> int:
+    """Tokens in the longest prompt of a request, target included (for grouping by length)."""
+    texts = [fill(t, req.subject)[0] for t in req.templates + [kl_template]]
+    longest = max(len(ids) for ids in lm.tokenizer(texts)["input_ids"])
+    return longest + len(target_ids(lm.tokenizer, req.target)) - 1
+
+
+@contextmanager
+def weights_frozen(model: torch.nn.Module) -> Iterator[None]:
+    """Switch ``requires_grad`` off on every parameter that has it on, and back on afterwards.
+
+    Only δ is trained in a value optimisation; a weight left trainable would make every backward
+    also compute (and accumulate) a gradient nobody reads, and a backward that needs activation
+    gradients only is about half as costly as one that also needs weight gradients."""
+    on = [p for p in model.parameters() if p.requires_grad]
+    for p in on:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in on:
+            p.requires_grad_(True)
+
+
+@dataclass
+class _Rows:
+    """The rows of a joint batch that one forward pass runs: those of the requests still active."""
+
+    active: list[int]  # request indices, in row order
+    batch: PromptBatch
+    positions: torch.Tensor  # (B, L): where log-probs are read (targets; last token of KL rows)
+    mask: torch.Tensor  # (B, T, 1): 1 at each row's subject last token
+    owner: torch.Tensor  # (B,): position in ``active`` of the request each row belongs to
+    spans: list[tuple[int, int]]  # per active request: rewrite rows [a, b), its KL row is b
+
+
+def _take_rows(batch: PromptBatch, idx: torch.Tensor, length: int) -> PromptBatch:
+    return PromptBatch(
+        batch.input_ids[idx, :length], batch.attention_mask[idx, :length], batch.subject_idx[idx],
+        batch.loss_pos[idx], batch.labels[idx], batch.label_mask[idx], batch.last_idx[idx],
+    )
+
+
+def _optimize_group(lm, layer, mtype, requests, *, steps, lr, weight_decay, kl_factor, clamp_norm_factor,
+                    nll_stop, kl_template, early_stop, mpes_extra_steps, module, reuse_prefix,
+                    drop_finished) -> list[ValueResult]:
+    """:func:`optimize_values` on one batch of requests (see there)."""
+    n, dev = len(requests), lm.device
+    # each request's rows: its rewrite prompts (with the target), then its KL prompt (no target)
+    texts, targets, spans, starts, n_rows = [], [], [], [], []
+    for req in requests:
+        starts.append(len(texts))
+        prompts = req.templates + [kl_template]
+        for j, template in enumerate(prompts):
+            text, span = fill(template, req.subject)
+            texts.append(text)
+            spans.append(span)
+            targets.append(req.target if j < len(req.templates) else None)
+        n_rows.append(len(prompts))
+    full = encode_rows(lm, texts, targets, spans)
+    kl_rows = torch.tensor([s + r - 1 for s, r in zip(starts, n_rows)], device=dev)
+    full_positions = full.loss_pos.clone()
+    full_positions[kl_rows, 0] = full.last_idx[kl_rows]
     module = module if module is not None else lm.spec.matrix_module(lm.model, layer, mtype)
     d_out = lm.spec.weight(lm.model, layer, mtype).shape[0]
-    delta = torch.zeros(d_out, device=lm.device, requires_grad=True)
-    opt = torch.optim.Adam([delta], lr=lr)
-    mask = torch.zeros(batch.input_ids.shape, device=lm.device)
-    mask[torch.arange(mask.shape[0]), batch.subject_idx] = 1.0
-    mask = mask.unsqueeze(-1)
-    # loss positions: the target positions of rewrite rows, the last token of the KL row
-    positions = batch.loss_pos.clone()
-    positions[n_rw:, 0] = batch.last_idx[n_rw:]
-    state: dict[str, torch.Tensor] = {}
+    # one δ per request (an (n, d) matrix split into rows): Adam is element-wise, and a row that gets
+    # no gradient (a stopped request) is skipped by it, state and value untouched
+    deltas = [torch.zeros(d_out, device=dev, requires_grad=True) for _ in range(n)]
+    opt = torch.optim.Adam(deltas, lr=lr)
+    stand_ins: list[torch.nn.Module] = []
+
+    def rows_of(active: list[int]) -> _Rows:
+        if len(active) == n:
+            batch, positions = full, full_positions
+            select_rows(stand_ins, None)
+        else:
+            idx = torch.cat([torch.arange(starts[i], starts[i] + n_rows[i], device=dev) for i in active])
+            length = int(full.last_idx[idx].max()) + 1  # drop the columns only finished rows used
+            batch, positions = _take_rows(full, idx, length), full_positions[idx]
+            select_rows(stand_ins, idx, length)
+        mask = torch.zeros(batch.input_ids.shape, device=dev)
+        mask[torch.arange(mask.shape[0], device=dev), batch.subject_idx] = 1.0
+        owner, local, a = [], [], 0
+        for k, i in enumerate(active):
+            owner += [k] * n_rows[i]
+            local.append((a, a + n_rows[i] - 1))
+            a += n_rows[i]
+        return _Rows(active, batch, positions, mask.unsqueeze(-1), torch.tensor(owner, device=dev), local)
+
+    state: dict[str, object] = {"stopped": set()}
 
     def add_delta(out):
-        if "v_init" not in state:
-            state["v_init"] = out[0, batch.subject_idx[0]].detach().clone()
-        return out + mask * delta.to(out.dtype)
+        if "v_init" not in state:  # first pass: δ = 0, the output is v (each request's plain prompt)
+            first = torch.tensor(starts, device=dev)
+            state["v_init"] = out[first, full.subject_idx[first]].detach().clone()
+        cur: _Rows = state["rows"]
+        if len(cur.active) == 1:
+            shift = deltas[cur.active[0]]
+        else:
+            shift = torch.stack([deltas[i].detach() if i in state["stopped"] else deltas[i]
+                                 for i in cur.active])[cur.owner].unsqueeze(1)
+        return out + cur.mask * shift.to(out.dtype)
 
     stack = ExitStack()
     if reuse_prefix:
         layers = lm.spec.layer_modules(lm.model)
         whole_layer = module is layers[layer]
         stand_ins = stack.enter_context(frozen_prefix(
-            lm, {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask},
+            lm, {"input_ids": full.input_ids, "attention_mask": full.attention_mask},
             layer + 1 if whole_layer else layer,
         ))
         if whole_layer:
             module = stand_ins[layer]
     with stack:
-        step, nll_first, nll = _optimize_loop(
-            lm, batch, module, add_delta, positions, delta, opt, state, n_rw, steps=steps,
-            kl_factor=kl_factor, weight_decay=weight_decay, clamp_norm_factor=clamp_norm_factor,
-            nll_stop=nll_stop, early_stop=early_stop, mpes_extra_steps=mpes_extra_steps,
-        )
+        state["rows"] = rows_of(list(range(n)))
+        done = _optimize_loop(lm, module, add_delta, deltas, opt, state, rows_of, steps=steps,
+                              kl_factor=kl_factor, weight_decay=weight_decay,
+                              clamp_norm_factor=clamp_norm_factor, nll_stop=nll_stop,
+                              early_stop=early_stop, mpes_extra_steps=mpes_extra_steps,
+                              drop_finished=drop_finished)
     v_init = state["v_init"]
-    return ValueResult(v_init + delta.detach(), v_init, step + 1, nll_first, nll)
+    return [ValueResult(v_init[i] + deltas[i].detach(), v_init[i].clone(), *done[i]) for i in range(n)]
 
 
-def _optimize_loop(lm, batch, module, add_delta, positions, delta, opt, state, n_rw, *, steps, kl_factor,
-                   weight_decay, clamp_norm_factor, nll_stop, early_stop, mpes_extra_steps):
-    kl_ref = None
-    nll_first = nll = float("nan")
-    step = 0
-    top1_since: int | None = None  # first step at which MPES's condition held
+def _optimize_loop(lm, module, add_delta, deltas, opt, state, rows_of, *, steps, kl_factor, weight_decay,
+                   clamp_norm_factor, nll_stop, early_stop, mpes_extra_steps, drop_finished):
+    """The Adam steps of :func:`_optimize_group`; returns (steps, nll_first, nll_last) per request."""
+    n = len(deltas)
+    kl_ref: dict[int, torch.Tensor] = {}
+    nll_first = [float("nan")] * n
+    nll_last = [float("nan")] * n
+    taken = [steps] * n  # forward passes until stopping (``steps`` if it never stopped)
+    top1_since: list[int | None] = [None] * n  # first step at which MPES's condition held
+    stopped: set[int] = state["stopped"]
     for step in range(steps):
+        rows: _Rows = state["rows"]
         opt.zero_grad()
         with edit_output(module, add_delta):
-            logp = logits_at(lm, batch, positions)
-        tok_lp = logp[:n_rw].gather(-1, batch.labels[:n_rw].unsqueeze(-1)).squeeze(-1)
-        lm_ = batch.label_mask[:n_rw]
-        nll_t = -((tok_lp * lm_).sum(1) / lm_.sum(1)).mean()
-        kl_lp = logp[n_rw:, 0]
-        if kl_ref is None:
-            kl_ref = kl_lp.detach()
-        kl = torch.nn.functional.kl_div(kl_lp, kl_ref, log_target=True, reduction="batchmean")
-        v_norm = state["v_init"].norm()
-        loss = nll_t + kl_factor * kl + weight_decay * delta.norm() ** 2 / v_norm**2
-        nll = nll_t.item()
-        if step == 0:
-            nll_first = nll
-        if early_stop == "nll" and nll < nll_stop:
-            break
+            logp = logits_at(lm, rows.batch, rows.positions)
+        b = rows.batch
+        losses, nll_ts, going = [], [], []
+        for a, kl_row in rows.spans:
+            tok_lp = logp[a:kl_row].gather(-1, b.labels[a:kl_row].unsqueeze(-1)).squeeze(-1)
+            lm_ = b.label_mask[a:kl_row]
+            nll_ts.append(-((tok_lp * lm_).sum(1) / lm_.sum(1)).mean())
+        nlls = torch.stack(nll_ts).tolist()
         if early_stop == "mpes":
             with torch.no_grad():
-                top1 = logp[:n_rw].argmax(-1) == batch.labels[:n_rw]
-                all_top1 = bool((top1 | (lm_ == 0)).all())
-            if all_top1 and top1_since is None:
-                top1_since = step
-            if top1_since is not None and step - top1_since >= mpes_extra_steps:
-                break
+                hit = ((logp.argmax(-1) == b.labels) | (b.label_mask == 0)).all(1)
+                all_top1 = [bool(hit[a:kl_row].all()) for a, kl_row in rows.spans]
+        for k, (i, (a, kl_row)) in enumerate(zip(rows.active, rows.spans)):
+            if i in stopped:  # only with drop_finished=False: its rows still run, frozen
+                continue
+            kl_lp = logp[kl_row:kl_row + 1, 0]
+            if step == 0:
+                kl_ref[i] = kl_lp.detach()
+                nll_first[i] = nlls[k]
+            nll_last[i] = nlls[k]
+            if early_stop == "nll":
+                stop = nlls[k] < nll_stop
+            else:
+                if all_top1[k] and top1_since[i] is None:
+                    top1_since[i] = step
+                stop = top1_since[i] is not None and step - top1_since[i] >= mpes_extra_steps
+            if stop:
+                taken[i] = step + 1
+                stopped.add(i)
+                continue
+            kl = torch.nn.functional.kl_div(kl_lp, kl_ref[i], log_target=True, reduction="batchmean")
+            v_norm = state["v_init"][i].norm()
+            losses.append(nll_ts[k] + kl_factor * kl + weight_decay * deltas[i].norm() ** 2 / v_norm**2)
+            going.append(i)
+        if not going:
+            break
+        loss = losses[0]
+        for extra in losses[1:]:
+            loss = loss + extra
         loss.backward()
+        for i in stopped:  # no gradient at all (not a zero one): Adam leaves the parameter alone
+            deltas[i].grad = None
         opt.step()
         with torch.no_grad():
-            limit = clamp_norm_factor * v_norm
-            if delta.norm() > limit:
-                delta.mul_(limit / delta.norm())
-    return step, nll_first, nll
+            for i in going:
+                limit = clamp_norm_factor * state["v_init"][i].norm()
+                if deltas[i].norm() > limit:
+                    deltas[i].mul_(limit / deltas[i].norm())
+        if drop_finished and len(going) < len(rows.active):
+            state["rows"] = rows_of(going)
+    return [(taken[i], nll_first[i], nll_last[i]) for i in range(n)]

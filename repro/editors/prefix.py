@@ -20,10 +20,14 @@ from ..models import LoadedModel
 
 
 class _Replay(torch.nn.Module):
-    """Stands in for a decoder layer: returns that layer's recorded output, ignores its inputs."""
+    """Stands in for a decoder layer: returns that layer's recorded output, ignores its inputs.
+
+    :meth:`select` narrows what it returns to some rows (and the first positions) of the recorded
+    batch, for a forward pass on that part of the batch only."""
 
     def __init__(self, original: torch.nn.Module, output):
         super().__init__()
+        self.recorded = output
         self.output = output
         # attributes the model's forward reads off its layers (e.g. which attention mask to use)
         for name in ("attention_type", "layer_idx", "is_sliding"):
@@ -33,12 +37,32 @@ class _Replay(torch.nn.Module):
     def forward(self, *args, **kwargs):
         return self.output
 
+    def select(self, rows: torch.Tensor | None, length: int | None = None) -> None:
+        """Return rows ``rows`` and positions ``:length`` of the recorded output from now on (None:
+        all of it). Indexed once here, so each later forward pays nothing for it."""
+        self.output = self.recorded if rows is None else _take(self.recorded, rows, length)
+
+
+def select_rows(stand_ins: list[torch.nn.Module], rows: torch.Tensor | None, length: int | None = None) -> None:
+    """Narrow every stand-in of :func:`frozen_prefix` to ``rows`` (and positions ``:length``) of the
+    recorded batch, to match a forward pass on ``input_ids[rows, :length]``; None restores all."""
+    for s in stand_ins:
+        s.select(rows, length)
+
 
 def _detach(out):
     if isinstance(out, torch.Tensor):
         return out.detach()
     if isinstance(out, tuple):
         return tuple(_detach(o) for o in out)
+    return out
+
+
+def _take(out, rows: torch.Tensor, length: int | None):
+    if isinstance(out, torch.Tensor):
+        return out[rows, :length] if out.dim() >= 2 else out[rows]
+    if isinstance(out, tuple):
+        return tuple(_take(o, rows, length) for o in out)
     return out
 
 
