@@ -160,7 +160,7 @@ def test_groups_and_trainable_weights(sharp):
 @pytest.mark.parametrize("early_stop", ["nll", "mpes"])
 @pytest.mark.parametrize("reuse_prefix", [False, True])
 def test_memit_update_with_joint_values_equals_one_by_one(sharp, early_stop, reuse_prefix):
-    """A MEMIT call with ``batch_values`` (the default) makes the same ΔW as with
+    """A MEMIT call with ``batch_values: true`` (the default on accelerators) makes the same ΔW as with
     ``batch_values: false``, and reports the same steps and losses per request."""
     reqs = [EditRequest(prompt=p, subject=s, target_new=t, target_true="Paris", case_id=i)
             for i, (p, s, t) in enumerate(FACTS)]
@@ -185,3 +185,17 @@ def test_memit_update_with_joint_values_equals_one_by_one(sharp, early_stop, reu
         scale = float(delta.abs().max())
         assert scale > 0.1
         assert float((joint.deltas[key] - delta).abs().max()) < 1e-5 * scale, key
+
+
+def test_batch_values_auto_is_joint_on_accelerators_only(sharp, monkeypatch):
+    import repro.editors.memit as memit_mod
+
+    calls = []
+    real = memit_mod.optimize_values
+    monkeypatch.setattr(memit_mod, "optimize_values", lambda lm, l, m, reqs, **kw: calls.append(len(reqs)) or real(lm, l, m, reqs, **kw))
+    reqs = [EditRequest(case_id=i, prompt=p, subject=s, target_new=t, target_true="x") for i, (p, s, t) in enumerate(FACTS[:2])]
+    hp = dict(layers=[1, 2], stats_tokens=2000, v_steps=2, n_prefix_short=1, n_prefix_long=1)
+    make_editor("memit", sharp, **hp).values(reqs)  # "auto" on the CPU: one request at a time
+    assert calls == [1, 1]
+    with pytest.raises(ValueError, match="batch_values"):
+        make_editor("memit", sharp, batch_values="yes", **hp).values(reqs)

@@ -48,8 +48,11 @@ class MEMITHyperParams:
     mpes_extra_steps: int = 0
     reuse_prefix: bool = True  # compute the frozen layers below the edit once per optimisation
     # optimise the z of all requests of a call jointly, one forward/backward pass per step (same
-    # results up to float rounding; locate.optimize_values); False: one request after another
-    batch_values: bool = True
+    # results up to float rounding; locate.optimize_values); False: one request after another;
+    # "auto": jointly on accelerators only. On a CPU the joint pass measured 0.73-0.97x the speed of
+    # one-by-one (the step is compute-bound and the joint batch pads every prompt to the longest:
+    # benchmarks/results/edit_speed_batched_smollm2-135m.txt)
+    batch_values: bool | str = "auto"
     batch_values_max: int = 16  # requests per joint pass at most (activations: ~0.4 GB each on SmolLM2-135M)
     n_prefix_short: int = 5
     n_prefix_long: int = 5
@@ -178,7 +181,12 @@ class MEMIT(Editor):
             clamp_norm_factor=hp.clamp_norm_factor, nll_stop=hp.nll_stop, early_stop=hp.early_stop,
             mpes_extra_steps=hp.mpes_extra_steps, reuse_prefix=hp.reuse_prefix, module=self._layer_module(last),
         )
-        if hp.batch_values:
+        joint = hp.batch_values
+        if joint == "auto":
+            joint = lm.device.type != "cpu"
+        elif not isinstance(joint, bool):
+            raise ValueError(f"batch_values must be true, false or 'auto', got {joint!r}")
+        if joint:
             return optimize_values(lm, last, self.mtype, value_reqs, max_requests=hp.batch_values_max or None,
                                    **options)
         return [optimize_values(lm, last, self.mtype, [vr], **options)[0] for vr in value_reqs]
