@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import store
 from .data.counterfact import EditRequest, Record, load_records, to_request
+from .data.text import load_text
 from .editors import make_editor
 from .measure.collapse import NONFINITE, CollapseParams, CollapseProbe, collapsed_for, first_collapse
 from .measure.norms import weight_norms
@@ -170,8 +171,6 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
     edited = editor.edited_matrices()
     state_file = store.state_path(output)
     weight = lambda l, m: lm.spec.weight(lm.model, l, m)  # noqa: E731
-    from .data.text import load_text
-
     probe = CollapseProbe(lm, load_text("test"), edited, CollapseParams(**params.collapse))
 
     # the unedited weights: the freshly loaded model's (also when resuming: they are not saved)
@@ -197,7 +196,7 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
     # the commit each stretch of the run was made with (a long run may be resumed several times)
     state.setdefault("git_shas", []).append(store.git_sha())
     if "probe_ref" not in state:  # the unedited model's probe perplexity (weights0 are in place)
-        state.update(probe_ref=probe.set_reference(), probe_done=[], probe_ppl=[], probe_why=[],
+        state.update(probe_ref=probe.set_reference(), probe_done=[], probe_why=[],
                      stop_reason="completed")
     else:
         probe.set_reference(state["probe_ref"])
@@ -236,9 +235,6 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
         state["norms"].append(weight_norms(lm).values)
         state["drift"].append([float(torch.linalg.vector_norm((weight(l, m).detach().cpu() - w0).double()))
                                for (l, m), w0 in zip(edited, state["weights0"])])
-
-    def measured_at(done: int) -> bool:
-        return bool(state["measures"]) and int(state["measures"][-1]["ckpt"].values[-1]) == done
 
     if state["done"] == 0 and not state["norm_steps"]:
         record_norms()
@@ -279,7 +275,6 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
             })
         state["done"] += len(batch)
         state["probe_done"].append(state["done"])
-        state["probe_ppl"].append(ppl)
         state["probe_why"].append(why or "")
         if why == NONFINITE:
             state["stop_reason"] = "non-finite"
@@ -294,7 +289,7 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
         if _crossed(state["done"], len(batch), params.norm_every) or last:
             record_norms()
         if (measurer is not None and state["stop_reason"] != "non-finite"
-                and (_crossed(state["done"], len(batch), params.measure_every or 10**12)
+                and ((params.measure_every and _crossed(state["done"], len(batch), params.measure_every))
                      or _reached(state["done"], len(batch), params.measure_at) or last)):
             measure_now()
         if _crossed(state["done"], len(batch), params.checkpoint_every) or last:
@@ -349,8 +344,8 @@ def _to_dataset(lm, state, edited, final_new, final_true) -> xr.Dataset:
             "delta_norm": ("edit", col("delta_norm").astype(float)),
             "nll_new_pre": ("edit", col("nll_new_pre").astype(float)),
             "nll_true_pre": ("edit", col("nll_true_pre").astype(float)),
-            "nll_new": ("edit", nll_new.astype(float)),
-            "nll_true": ("edit", nll_true.astype(float)),
+            "nll_new": ("edit", nll_new),
+            "nll_true": ("edit", nll_true),
             "efficacy": ("edit", _wins(nll_new, nll_true)),
             "efficacy_final": ("edit", _wins(np.asarray(final_new, float), np.asarray(final_true, float))),
             "probe_ppl": ("edit", probe_ppl),

@@ -13,6 +13,7 @@ import xarray as xr
 
 from .measure.rewrite import harmonic_mean
 from .report import display_name, edited_norms, profile_runs
+from .store import run_params
 
 EDITOR_ORDER = ("rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "ft-l", "ft-m", "lora", "mend")
 
@@ -221,17 +222,12 @@ def summary_table(runs: dict) -> str:
 
 # -- F2 at length: the whole trajectory of the long runs --------------------------------------------
 def run_batch(ds: xr.Dataset) -> int:
-    import json
-
-    return int(json.loads(ds.attrs.get("params", "{}")).get("batch_size", 1))
+    return int(run_params(ds).get("batch_size", 1))
 
 
 def long_runs(runs: dict, min_edits: int = 1000) -> dict:
     """The runs planned for at least ``min_edits`` edits (finished, or stopped early by collapse)."""
-    import json
-
-    return {rid: v for rid, v in runs.items()
-            if int(json.loads(v[0].attrs.get("params", "{}")).get("n_edits", 0)) >= min_edits}
+    return {rid: v for rid, v in runs.items() if int(run_params(v[0]).get("n_edits", 0)) >= min_edits}
 
 
 def plot_long_norm_growth(runs: dict, ax=None):
