@@ -195,6 +195,7 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
             log.warning("ignoring %s: it was made with other parameters", state_file)
     # the commit each stretch of the run was made with (a long run may be resumed several times)
     state.setdefault("git_shas", []).append(store.git_sha())
+    state["device"] = str(lm.device)
     if "probe_ref" not in state:  # the unedited model's probe perplexity (weights0 are in place)
         state.update(probe_ref=probe.set_reference(), probe_done=[], probe_why=[],
                      stop_reason="completed")
@@ -303,13 +304,7 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
         final_new = final_true = np.full(n_done, np.nan)
     else:
         final_new, final_true = _edit_scores(lm, requests[:n_done])
-    ds = _to_dataset(lm, state, edited, final_new, final_true)
-    if state["measures"]:
-        measures = xr.concat(state["measures"], dim="ckpt", data_vars="minimal", coords="minimal",
-                             compat="override", join="outer")
-        if "edit" in measures.dims:  # per-fact scores of facts never edited (a run that stopped early)
-            measures = measures.isel(edit=slice(0, n_done))
-        ds = xr.merge([ds, measures], combine_attrs="drop_conflicts", compat="no_conflicts", join="outer")
+    ds = _to_dataset(state, lm.n_layers, list(lm.spec.matrices), edited, final_new, final_true)
     ds.attrs.update(store.provenance(
         pdict, str(lm.device), run_id=output.stem, model=params.model, editor=params.editor,
         edited_matrices=[f"{l}:{m}" for l, m in edited], facts_file=params.facts,
@@ -325,12 +320,12 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
     return ds
 
 
-def _to_dataset(lm, state, edited, final_new, final_true) -> xr.Dataset:
+def _to_dataset(state: dict, n_layers: int, matrices: list[str], edited, final_new, final_true) -> xr.Dataset:
+    """The run's Dataset from its state: per-edit rows, norm steps, checkpoint measurements."""
     rows = state["rows"]
     edit = np.arange(1, len(rows) + 1)
     col = lambda k: np.array([r[k] for r in rows])  # noqa: E731
-    matrices = list(lm.spec.matrices)
-    mask = np.zeros((lm.n_layers, len(matrices)), dtype=np.int8)
+    mask = np.zeros((n_layers, len(matrices)), dtype=np.int8)
     for layer, mtype in edited:
         mask[layer, matrices.index(mtype)] = 1
     nll_new, nll_true = col("nll_new").astype(float), col("nll_true").astype(float)
@@ -358,7 +353,7 @@ def _to_dataset(lm, state, edited, final_new, final_true) -> xr.Dataset:
             "target_new": ("edit", col("target_new").astype(str)),
             "target_true": ("edit", col("target_true").astype(str)),
         },
-        coords={"step": np.array(state["norm_steps"]), "layer": np.arange(lm.n_layers),
+        coords={"step": np.array(state["norm_steps"]), "layer": np.arange(n_layers),
                 "matrix": matrices, "edit": edit, "edited_matrix": [f"{l}:{m}" for l, m in edited]},
     )
     ds["weight_norm"].attrs["long_name"] = "Frobenius norm after `step` edits"
@@ -371,6 +366,53 @@ def _to_dataset(lm, state, edited, final_new, final_true) -> xr.Dataset:
     ds["probe_ppl"].attrs["unedited"] = float(state.get("probe_ref", np.nan))
     ds["collapsed"].attrs["long_name"] = "1 where the collapse rule held after the editor call making this edit"
     ds["collapse_edit"].attrs["long_name"] = "first edit after which the collapse rule held (-1: never)"
+    if state["measures"]:
+        measures = xr.concat(state["measures"], dim="ckpt", data_vars="minimal", coords="minimal",
+                             compat="override", join="outer")
+        if "edit" in measures.dims:  # per-fact scores of facts never edited (a run that stopped early)
+            measures = measures.isel(edit=slice(0, len(rows)))
+        ds = xr.merge([ds, measures], combine_attrs="drop_conflicts", compat="no_conflicts", join="outer")
+    return ds
+
+
+def progress_path(output: str | Path) -> Path:
+    """Where :func:`snapshot` writes a view of a run still in progress: ``progress/<name>`` beside
+    the run's own file (never the run's own path, so an unfinished run is never taken for done)."""
+    output = Path(output)
+    return output.parent / "progress" / output.name
+
+
+def snapshot(output: str | Path, write: bool = True) -> xr.Dataset | None:
+    """A Dataset of a run in progress, read from its resume state without touching the run: the
+    norms, per-edit rows, probe and checkpoint measurements made so far, with ``stop_reason`` "in
+    progress" and ``n_edits_done``. Scores after the whole sequence (``efficacy_final``) do not exist
+    yet and are NaN. Written to :func:`progress_path` when ``write``; None when there is no state."""
+    output = from_root(output)
+    state_file = store.state_path(output)
+    if not state_file.exists():
+        return None
+    try:
+        state = torch.load(state_file, weights_only=False)
+    except Exception as err:
+        raise RuntimeError(f"the resume state {state_file} cannot be read ({type(err).__name__}: {err})") from err
+    params = SequentialParams(**state["params"])
+    lm = load_model(params.model, device="cpu")  # the architecture's layer and matrix names
+    editor = make_editor(params.editor, lm, **params.hparams)
+    edited = editor.edited_matrices()
+    n_done = len(state["rows"])
+    missing = np.full(n_done, np.nan)
+    ds = _to_dataset(state, lm.n_layers, list(lm.spec.matrices), edited, missing, missing)
+    ds.attrs.update(store.provenance(
+        state["params"], state.get("device", "not recorded"), run_id=output.stem, model=params.model, editor=params.editor,
+        edited_matrices=[f"{l}:{m}" for l, m in edited], facts_file=params.facts,
+        hparams=dataclasses.asdict(editor.hp) if dataclasses.is_dataclass(editor.hp) else {},
+        wall_time_s=round(float(state["elapsed"]), 2), measure_time_s=round(float(state["measure_seconds"]), 2),
+        collapse_params=state["params"].get("collapse", {}), stop_reason="in progress", n_edits_done=n_done,
+        git_shas_by_segment=state.get("git_shas", []), snapshot_of=state_file.name,
+    ))
+    ds.attrs["git_sha"] = (state.get("git_shas") or ["unknown"])[-1]  # the code that made the edits
+    if write:
+        store.write_netcdf(ds, progress_path(output))
     return ds
 
 

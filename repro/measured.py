@@ -6,6 +6,8 @@ returned by :func:`measured_runs`.
 """
 from __future__ import annotations
 
+import json
+
 import matplotlib.pyplot as plt
 import numpy as np
 import seaborn as sns
@@ -18,10 +20,12 @@ from .store import run_params
 EDITOR_ORDER = ("rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "ft-l", "ft-m", "lora", "mend")
 
 
-def measured_runs(profile: str = "default") -> tuple[dict, list[str]]:
+def measured_runs(profile: str = "default", length: str = "short",
+                  in_progress: bool = False) -> tuple[dict, list[str]]:
     """The sequential runs of ``profile`` whose files hold checkpoint measurements, and the ids of
-    the sequential runs that do not (missing, or made without measurements)."""
-    runs, missing = profile_runs("notebooks/sequential_editing.ipynb", profile)
+    the sequential runs that do not (missing, or made without measurements); ``length`` and
+    ``in_progress`` as in :func:`repro.report.profile_runs` (default: the 100-edit runs)."""
+    runs, missing = profile_runs("notebooks/sequential_editing.ipynb", profile, length, in_progress)
     have = {rid: v for rid, v in runs.items() if "ckpt" in v[0].dims}
     return have, missing + [rid for rid in runs if rid not in have]
 
@@ -251,6 +255,8 @@ def plot_long_norm_growth(runs: dict, ax=None):
         color = colors[str(ds.attrs.get("editor"))]
         batch = run_batch(ds)
         label = _label(ds) + (f" (batches of {batch})" if batch > 1 else "")
+        if ds.attrs.get("stop_reason") == "in progress":
+            label += f", in progress: {int(ds.sizes['edit']):,} edits"
         ax.plot(steps[keep], y[keep], color=color, lw=1.8, ls="--" if batch >= 100 else "-", label=label)
         cross = crossing_edit(ds)
         if cross > 0:
@@ -265,5 +271,28 @@ def plot_long_norm_growth(runs: dict, ax=None):
     ax.plot([], [], "X", color="0.6", mec="k", mew=0.6, ms=8, label="collapse rule first holds")
     ax.set_xscale("log")
     ax.set(xlabel="number of edits (log scale)", ylabel="mean ‖W‖ of the edited matrices")
+    ax.legend(frameon=False, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
+
+
+def plot_probe(runs: dict, ax=None, factor: float | None = None):
+    """The collapse probe after every editor call: held-out perplexity over the unedited model's
+    (log axes), one colour per editor; the collapse threshold as a dotted line."""
+    ax = ax or plt.subplots(figsize=(7, 3.6))[1]
+    colors = editor_colors(runs)
+    for ds, _ in runs.values():
+        if "probe_ppl" not in ds:
+            continue
+        ratio = ds["probe_ppl"].values / float(ds["probe_ppl"].attrs["unedited"])
+        batch = run_batch(ds)
+        ax.plot(ds["edit"].values, ratio, color=colors[str(ds.attrs.get("editor"))], lw=1.2,
+                ls="--" if batch >= 100 else "-", label=_label(ds) + (f" (batches of {batch})" if batch > 1 else ""))
+        if factor is None:
+            factor = float(json.loads(ds.attrs.get("collapse_params", "{}")).get("factor", 10.0))
+    if factor is not None:
+        ax.axhline(factor, color="0.4", ls=":", lw=1, label=f"collapse threshold (×{factor:g})")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set(xlabel="number of edits (log scale)", ylabel="probe perplexity / unedited")
     ax.legend(frameon=False, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax

@@ -101,18 +101,36 @@ def display_name(editor: str) -> str:
     return EDITOR_NAMES.get(editor, editor)
 
 
-def profile_runs(notebook: str, profile: str = "default") -> tuple[dict, list[str]]:
+LONG = 1000  # a sequential run planned for at least this many edits is a long run
+
+
+def profile_runs(notebook: str, profile: str = "default", length: str = "all",
+                 in_progress: bool = False) -> tuple[dict, list[str]]:
     """The finished runs of ``profile`` made by ``notebook`` as {run id: (Dataset, path)}, and the
-    ids of those not run yet (the book lists them rather than silently leaving them out)."""
+    ids of those not run yet (the book lists them rather than silently leaving them out).
+
+    ``length``: "short" keeps the runs declared with fewer than ``LONG`` edits (or none), "long"
+    those with at least ``LONG``, "all" every run. ``in_progress``: an unfinished run with a
+    progress view (``python -m repro.study --snapshot``) is returned from that view, whose
+    ``stop_reason`` attribute says "in progress"."""
+    from .experiment import progress_path
     from .store import read_netcdf
     from .study import load_profile
 
+    if length not in ("all", "short", "long"):
+        raise ValueError(f"length must be 'all', 'short' or 'long', got {length!r}")
     done, missing = {}, []
     for run in load_profile(profile):
         if run.notebook != notebook:
             continue
+        planned = int(run.parameters.get("n_edits", 0))
+        if (length == "short" and planned >= LONG) or (length == "long" and planned < LONG):
+            continue
+        progress = progress_path(run.output)
         if run.output.exists():
             done[run.id] = (read_netcdf(run.output), run.output)
+        elif in_progress and progress.exists():
+            done[run.id] = (read_netcdf(progress), progress)
         else:
             missing.append(run.id)
     return done, missing
@@ -252,3 +270,59 @@ def relative_norm_table(runs: dict, decimals: int = 3) -> str:
             f"{loss[:k].mean():>6.3f}>{loss[-k:].mean():<6.3f} {ppl[0]:>7.2f}>{ppl[-1]:<7.2f}"
         )
     return "\n".join(rows)
+
+
+# -- runs of thousands of edits -------------------------------------------------------------------
+def growth_at(ds: xr.Dataset, edits: int) -> float:
+    """Growth of the edited matrices after ``edits`` edits: the mean ‖W‖_F of the edited matrices
+    then over its value before the first edit (NaN when the run has not measured that count)."""
+    mean = edited_norms(ds).mean("edited")
+    steps = list(ds["step"].values)
+    return float(mean.sel(step=edits) / mean.isel(step=0)) if edits in steps else float("nan")
+
+
+def run_status(ds: xr.Dataset) -> str:
+    """How the run stands: "completed", "collapsed", "non-finite" or "in progress" (a progress
+    view); files made before runs recorded it count as completed."""
+    return str(ds.attrs.get("stop_reason", "completed"))
+
+
+def long_run_table(runs: dict, at=(100, 1000, 3000)):
+    """One row per run: editor, batch size, edits done of those planned, status, median editor
+    seconds per fact, growth of the edited matrices (:func:`growth_at`) after each count of ``at``
+    and at the last measured step, the first edit after which an edited matrix passes the largest
+    unedited one of its type (:func:`crossing_edit`), the first edit where the collapse rule held,
+    and the last collapse-probe perplexity over the unedited model's. A pandas DataFrame."""
+    import json
+
+    import pandas as pd
+
+    rows = []
+    for rid, (ds, _) in runs.items():
+        params = json.loads(ds.attrs["params"])
+        probe = ds["probe_ppl"] if "probe_ppl" in ds else None
+        collapse = int(ds["collapse_edit"]) if "collapse_edit" in ds else -1
+        last_step = int(ds["step"].values[-1])
+        row = {
+            "run": rid,
+            "editor": display_name(str(ds.attrs.get("editor"))),
+            "batch": int(params.get("batch_size", 1)),
+            "edits": f"{int(ds.sizes['edit']):,} of {int(params['n_edits']):,}",
+            "status": run_status(ds),
+            "s/edit": float(np.nanmedian(ds["edit_seconds"].values)),
+        }
+        for k in at:
+            row[f"growth @{k:,}"] = growth_at(ds, k)
+        row["growth @last"] = growth_at(ds, last_step)
+        row["passes unedited at"] = _edit_or_none(crossing_edit(ds))
+        row["collapse at"] = _edit_or_none(collapse)
+        row["probe ppl / unedited"] = (float(probe.values[-1]) / float(probe.attrs["unedited"])
+                                       if probe is not None and "unedited" in probe.attrs else float("nan"))
+        rows.append(row)
+    table = pd.DataFrame(rows).set_index("run")
+    # edit counts stay integers, "never" is a missing value
+    return table.astype({"passes unedited at": "Int64", "collapse at": "Int64"})
+
+
+def _edit_or_none(edit: int):
+    return int(edit) if edit > 0 else None

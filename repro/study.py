@@ -3,7 +3,11 @@ writing a NetCDF file under ``data/runs/`` and leaving the executed notebook in 
 the book. Runs whose file and executed notebook exist are skipped, unless the file was made with
 other values of the declared parameters (stale): those are rerun, replacing the file.
 
-    python -m repro.study --profile default [--only ID ...] [--force] [--list] [--toc]
+    python -m repro.study --profile default [--only ID ...] [--force] [--list] [--toc] [--snapshot]
+
+``--snapshot`` writes, for each run of the profile that is in progress (its resume state exists),
+a view of what it has done so far to ``data/runs/progress/`` without touching the run; the book
+draws unfinished long runs from there, marked as in progress.
 
 After running, the book's "Runs" part of ``book/_toc.yml`` lists every executed run of the default
 profile (``--toc`` does only that).
@@ -122,6 +126,23 @@ def sync_toc(runs: list[Run], toc: Path | None = None) -> list[str]:
     return [r.id for r in listed]
 
 
+def snapshot_runs(runs: list[Run]) -> int:
+    """Write a progress view of each sequential run with a resume state; say which have none."""
+    from .experiment import progress_path, snapshot
+    from .store import state_path
+
+    for run in runs:
+        if not state_path(run.output).exists():
+            continue
+        if run.notebook != "notebooks/sequential_editing.ipynb":
+            print(f"[skip] {run.id}: progress views exist for sequential editing runs only")
+            continue
+        ds = snapshot(run.output)
+        print(f"[snap] {run.id}: {ds.attrs['n_edits_done']} of {run.parameters.get('n_edits')} edits "
+              f"-> {_show(progress_path(run.output))}", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m repro.study", description=__doc__.split("\n\n")[0])
     ap.add_argument("--profile", default="default")
@@ -129,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="rerun even when results exist")
     ap.add_argument("--list", action="store_true", help="list the runs and whether they are done")
     ap.add_argument("--toc", action="store_true", help="only list the executed runs in the book's TOC")
+    ap.add_argument("--snapshot", action="store_true",
+                    help="only write views of the runs in progress (those with a resume state) to data/runs/progress/")
     args = ap.parse_args(argv)
     runs = load_profile(args.profile)
     if args.toc:
@@ -139,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             ap.error(f"unknown run ids {sorted(unknown)}")
         runs = [r for r in runs if r.id in args.only]
+    if args.snapshot:
+        return snapshot_runs(runs)
     for run in runs:
         stale = run.stale() if run.done() else []
         status = ("stale" if stale else "done") if run.done() else "missing"

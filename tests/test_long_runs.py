@@ -205,3 +205,97 @@ def test_long_growth_figure_marks_crossing_and_collapse():
     marks = [line for line in ax.lines if line.get_marker() in ("o", "X") and len(line.get_xdata())]
     assert sorted((line.get_marker(), float(line.get_xdata()[0])) for line in marks) == [("X", 100.0), ("o", 10.0)]
     assert ax.get_xscale() == "log"
+
+
+def test_snapshot_of_an_interrupted_run_shows_its_progress_and_is_not_taken_for_done(tmp_path, tiny_dir,
+                                                                                     monkeypatch):
+    from repro.experiment import progress_path, snapshot
+    from repro.store import read_netcdf
+
+    p = params(tmp_path, tiny_dir, n_edits=4, measure_at=[2],
+               measure=dict(SMALL, parts=["quality"]))
+    assert snapshot(p.output) is None  # nothing started: no view
+    real = experiment.make_editor
+
+    def flaky(*a, **k):
+        editor = real(*a, **k)
+        apply, calls = editor.apply, []
+
+        def fail_fourth(reqs):
+            calls.append(1)
+            if len(calls) == 4:
+                raise KeyboardInterrupt
+            return apply(reqs)
+
+        editor.apply = fail_fourth
+        return editor
+
+    monkeypatch.setattr(experiment, "make_editor", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_sequential(p, progress=False)
+    monkeypatch.setattr(experiment, "make_editor", real)
+    view = snapshot(p.output)
+    path = progress_path(p.output)
+    assert path.exists() and path != experiment.from_root(p.output) and not experiment.from_root(p.output).exists()
+    assert view.attrs["stop_reason"] == "in progress" and view.attrs["n_edits_done"] == 3
+    assert view.sizes["edit"] == 3 and list(view["step"].values) == [0, 1, 2, 3]
+    assert list(view["ckpt"].values) == [0, 2] and view["efficacy_final"].isnull().all()
+    full = run_sequential(p, progress=False)  # the run resumes and finishes unaffected by the view
+    assert full.attrs["stop_reason"] == "completed" and full.sizes["edit"] == 4
+    np.testing.assert_allclose(read_netcdf(path)["weight_norm"].values, full["weight_norm"].values[:4], rtol=1e-6)
+    np.testing.assert_array_equal(view["nll_new"].values, full["nll_new"].values[:3])
+
+
+def _long_file(editor, n_done, planned, growth, batch=1, stop="completed", probe_last=13.0):
+    """A hand-made long-run file: one edited matrix growing geometrically, one unedited at 12."""
+    import json
+
+    import xarray as xr
+
+    steps = np.arange(0, n_done + 1, batch)
+    norms = np.ones((len(steps), 2, 1)) * 12.0
+    norms[:, 0, 0] = 10.0 * growth ** (steps / n_done)
+    probe = np.full(n_done, 13.0)
+    probe[-1] = probe_last
+    ds = xr.Dataset({"weight_norm": (("step", "layer", "matrix"), norms),
+                     "edited": (("layer", "matrix"), np.array([[1], [0]], dtype=np.int8)),
+                     "edit_seconds": ("edit", np.full(n_done, 2.5)),
+                     "probe_ppl": ("edit", probe), "collapse_edit": ((), -1)},
+                    coords={"step": steps, "layer": [0, 1], "matrix": ["mlp_down"], "edit": np.arange(1, n_done + 1)},
+                    attrs={"editor": editor, "stop_reason": stop,
+                           "params": json.dumps({"n_edits": planned, "batch_size": batch})})
+    ds["probe_ppl"].attrs["unedited"] = 13.0
+    return ds, None
+
+
+def test_long_run_table_reads_growth_crossing_and_status_from_the_files():
+    import pandas as pd
+
+    from repro.report import growth_at, long_run_table
+
+    runs = {"a": _long_file("rome", 1000, 3000, 4.0, stop="in progress", probe_last=130.0),
+            "b": _long_file("memit", 3000, 3000, 1.1, batch=10)}
+    assert growth_at(runs["a"][0], 1000) == pytest.approx(4.0)
+    assert np.isnan(growth_at(runs["a"][0], 3000))  # not reached yet
+    table = long_run_table(runs)
+    a, b = table.loc["a"], table.loc["b"]
+    assert a["status"] == "in progress" and a["edits"] == "1,000 of 3,000" and b["status"] == "completed"
+    assert a["growth @1,000"] == pytest.approx(4.0) and np.isnan(a["growth @3,000"])
+    assert b["growth @3,000"] == pytest.approx(1.1) and b["growth @last"] == pytest.approx(1.1)
+    # 10 * 4**(k/1000) > 12 first at k = 132 (log(1.2)/log(4) = 0.1315); memit's 11 never passes 12
+    assert a["passes unedited at"] == 132 and b["passes unedited at"] is pd.NA
+    assert a["collapse at"] is pd.NA and str(table["collapse at"].dtype) == "Int64"
+    assert a["probe ppl / unedited"] == pytest.approx(10.0) and b["probe ppl / unedited"] == pytest.approx(1.0)
+    assert a["s/edit"] == pytest.approx(2.5) and b["batch"] == 10
+
+
+def test_probe_figure_draws_ratios_and_the_threshold():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from repro.measured import plot_probe
+
+    ax = plot_probe({"a": _long_file("rome", 100, 3000, 2.0, probe_last=65.0)}, factor=10.0)
+    line = next(l for l in ax.lines if l.get_label() == "ROME")
+    assert line.get_ydata()[-1] == pytest.approx(5.0) and line.get_ydata()[0] == pytest.approx(1.0)
+    assert any(l.get_label().startswith("collapse threshold") and l.get_ydata()[0] == 10.0 for l in ax.lines)
