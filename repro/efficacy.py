@@ -63,8 +63,8 @@ def run_efficacy(params: EfficacyParams, overwrite: bool = False, progress: bool
     originals = [lm.spec.weight(lm.model, l, m).detach().clone() for l, m in matrices]
     state_file = store.state_path(output)
     state = {"params": pdict, "rows": [], "elapsed": 0.0}
-    if state_file.exists():
-        saved = torch.load(state_file, weights_only=False)
+    saved = store.load_state(state_file)
+    if saved is not None:
         if saved.get("params") == pdict:
             state = saved
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,9 @@ class SequentialParams:
         for name in ("n_edits", "batch_size", "norm_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size > self.n_edits:
+            raise ValueError(f"batch_size ({self.batch_size}) must not exceed n_edits ({self.n_edits}): "
+                             f"a run makes at most n_edits edits")
         if self.split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.measure_every < 0:
@@ -162,10 +165,14 @@ def run_sequential(params: SequentialParams, overwrite: bool = False, progress: 
 
 
 def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) -> xr.Dataset:
-    lm = load_model(params.model, device=params.device)
+    # the facts first: a bad facts file or too short a split fails before the model loads
     all_records = load_records(from_root(params.facts))
-    records = select_records(all_records, params.n_edits, params.seed, params.split)
+    try:
+        records = select_records(all_records, params.n_edits, params.seed, params.split)
+    except ValueError as err:
+        raise ValueError(f"{params.facts}: {err} (n_edits={params.n_edits})") from None
     requests = [to_request(r) for r in records]
+    lm = load_model(params.model, device=params.device)
     editor = make_editor(params.editor, lm, **params.hparams)
     editor.prepare()  # statistics and prefixes from the unedited model, also when resuming
     edited = editor.edited_matrices()
@@ -177,12 +184,8 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
     weights0 = [weight(l, m).detach().cpu().clone() for l, m in edited]
     state = {"params": pdict, "done": 0, "rows": [], "norm_steps": [], "norms": [], "drift": [],
              "elapsed": 0.0, "measures": [], "measure_seconds": 0.0, "weights0": weights0}
-    if state_file.exists():
-        try:
-            saved = torch.load(state_file, weights_only=False)
-        except Exception as err:  # a truncated or corrupt file: say which, and what to do
-            raise RuntimeError(f"the resume state {state_file} cannot be read ({type(err).__name__}: {err}); "
-                               f"delete it to start the run over") from err
+    saved = store.load_state(state_file)  # a damaged file is moved aside: the run starts over
+    if saved is not None:
         if same_params(saved["params"], pdict):
             state = saved
             state.setdefault("weights0", weights0)

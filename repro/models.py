@@ -303,6 +303,46 @@ def _dequantize_to_cache(name: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub answers at all (offline mode or no route: False, at once)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _hub_cached(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id the hub library refuses (bad characters, too many slashes)
+        return False
+
+
+def model_source(name: str) -> str | Path:
+    """Where ``load_model`` reads ``name`` from: the cache of a packaged model, a local directory,
+    or a hub id that is cached or reachable. Anything else fails at once (no hub retries offline)
+    with the packaged names listed."""
+    if name in PACKAGED:
+        return cache_dir() / "models" / name
+    if Path(name).expanduser().is_dir():
+        return Path(name).expanduser()
+    if _hub_cached(name) or _hub_reachable():
+        return name
+    raise ValueError(
+        f"unknown model {name!r}: not a packaged short name ({', '.join(sorted(PACKAGED))}), not a local "
+        f"directory, and not a hub id in the local cache (the hub is not reachable from here)"
+    )
+
+
 def load_model(
     name: str,
     device: str | torch.device | None = None,
@@ -315,17 +355,14 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dev = resolve_device(device)
-    if name in PACKAGED:
-        source = cache_dir() / "models" / name
-        if not (source / "config.json").exists():
-            _dequantize_to_cache(name, source)
-    elif Path(name).expanduser().is_dir():
-        source = Path(name).expanduser()
-    else:
-        source = name  # a hub id: works where the hub (or its cache) is reachable
+    source = model_source(name)
+    if name in PACKAGED and not (Path(source) / "config.json").exists():
+        _dequantize_to_cache(name, Path(source))
+    # a cached hub id with no hub in reach: read the cache without retrying the network
+    local = {"local_files_only": True} if isinstance(source, str) and not _hub_reachable() else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **local)
+        tok = AutoTokenizer.from_pretrained(source, **local)
     except OSError as err:
         raise ValueError(
             f"unknown model {name!r}: not a packaged short name ({', '.join(sorted(PACKAGED))}), "

@@ -3,6 +3,7 @@ provenance attributes (parameters, git sha, package versions, device, wall time)
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -11,6 +12,8 @@ from importlib import metadata
 from pathlib import Path
 
 import xarray as xr
+
+log = logging.getLogger(__name__)
 
 PROVENANCE_PACKAGES = ("torch", "transformers", "peft", "xarray", "netCDF4", "numpy", "normgrowth")
 
@@ -67,6 +70,25 @@ def save_state(path: str | Path, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
+
+
+def load_state(path: str | Path) -> dict | None:
+    """The resume state at ``path``, or None when there is none. A file that cannot be read (a
+    truncated or corrupt save) is moved aside to ``<name>.damaged`` with a warning naming both
+    paths, and None returned: the run starts over instead of staying blocked."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        aside = path.with_name(path.name + ".damaged")
+        os.replace(path, aside)
+        log.warning("the resume state %s cannot be read (%s: %s); moved aside to %s, the run starts over",
+                    path, type(err).__name__, err, aside.name)
+        return None
 
 
 def write_netcdf(ds: xr.Dataset, path: str | Path) -> Path:

@@ -562,8 +562,8 @@ def run_training(params: TrainParams, overwrite: bool = False, progress: bool = 
     state_file = store.state_path(output)
 
     state = {"params": pdict, "done": 0, "hist": {k: [] for k in HISTORY}, "elapsed": 0.0}
-    if state_file.exists():
-        saved = torch.load(state_file, map_location="cpu", weights_only=False)
+    saved = store.load_state(state_file)
+    if saved is not None:
         if saved["params"] == pdict:
             with torch.no_grad():
                 for name, p in named:

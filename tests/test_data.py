@@ -96,6 +96,8 @@ def _broken(path: tuple[str, ...], value: object = None, delete: bool = False) -
     [
         (_broken(("requested_rewrite", "subject"), delete=True), "subject"),
         (_broken(("requested_rewrite", "prompt"), "The mother tongue of X is"), "prompt"),
+        (_broken(("requested_rewrite", "prompt"), "The {kind} tongue of {} is"), "prompt"),
+        (_broken(("requested_rewrite", "prompt"), "The mother tongue of {} is {"), "prompt"),
         (_broken(("requested_rewrite", "target_new"), {"str": ""}), "target_new"),
         (_broken(("requested_rewrite", "target_true"), {"id": "Q150"}), "target_true"),
         (_broken(("requested_rewrite", "target_new"), {"str": "French"}), "target_new"),
@@ -125,6 +127,17 @@ def test_load_records_names_the_file(tmp_path: Path) -> None:
     path.write_text(json.dumps([_broken(("requested_rewrite", "subject"), delete=True)]))
     with pytest.raises(ValueError, match="bad.json"):
         load_records(path)
+
+
+def test_invalid_json_and_empty_files_are_named(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.json"
+    broken.write_text('[{"case_id": 1,')
+    with pytest.raises(ValueError, match=r"broken\.json: not valid JSON"):
+        load_records(broken)
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError, match=r"empty\.json: holds no records"):
+        load_records(empty)
 
 
 @pytest.fixture(scope="module", params=[FACTS, *LONG_FACTS], ids=lambda p: p.stem)

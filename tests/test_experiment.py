@@ -28,6 +28,24 @@ def test_bad_parameters_are_rejected(tmp_path, field, value):
         run_sequential(dataclasses.replace(params(tmp_path), **{field: value}))
 
 
+def test_a_batch_larger_than_the_run_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"batch_size \(5\) must not exceed n_edits \(3\)"):
+        run_sequential(params(tmp_path, batch_size=5))
+
+
+def test_facts_errors_come_before_the_model_loads(tmp_path, monkeypatch):
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the facts were checked")
+
+    monkeypatch.setattr(experiment, "load_model", no_model)
+    with pytest.raises(ValueError, match=r"smollm2-135m\.json: only \d+ distinct-subject facts .*n_edits=99999"):
+        run_sequential(params(tmp_path, n_edits=99999))
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(ValueError, match="empty.json: holds no records"):
+        run_sequential(params(tmp_path, facts=str(empty)))
+
+
 def test_selection_is_seeded_and_split_disjoint():
     records = load_records(from_root("data/facts/smollm2-135m.json"))
     a = select_requests(records, 30, seed=1)

@@ -152,13 +152,18 @@ def test_a_run_whose_output_is_being_written_is_refused(tmp_path, tiny_dir):
         run_sequential(p, overwrite="flase", progress=False)
 
 
-def test_a_damaged_state_file_is_named_with_advice(tmp_path, tiny_dir):
+def test_a_damaged_state_file_is_set_aside_and_the_run_starts_over(tmp_path, tiny_dir, caplog):
     from repro import store
 
-    p = params(tmp_path, tiny_dir)
-    store.state_path(p.output).write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(RuntimeError, match="run.nc.state.pt cannot be read.*delete it"):
-        run_sequential(p, progress=False)
+    p = params(tmp_path, tiny_dir, n_edits=2)
+    state = store.state_path(p.output)
+    state.write_bytes(b"PK\x03\x04 truncated")
+    with caplog.at_level("WARNING"):
+        ds = run_sequential(p, progress=False)
+    assert ds.sizes["edit"] == 2 and ds.attrs["stop_reason"] == "completed"
+    aside = state.with_name(state.name + ".damaged")
+    assert aside.read_bytes() == b"PK\x03\x04 truncated" and not state.exists()
+    assert any("run.nc.state.pt cannot be read" in r.message and "moved aside" in r.message for r in caplog.records)
 
 
 def test_crossing_edit_is_where_an_edited_matrix_passes_the_largest_unedited_one():
@@ -299,3 +304,15 @@ def test_probe_figure_draws_ratios_and_the_threshold():
     line = next(l for l in ax.lines if l.get_label() == "ROME")
     assert line.get_ydata()[-1] == pytest.approx(5.0) and line.get_ydata()[0] == pytest.approx(1.0)
     assert any(l.get_label().startswith("collapse threshold") and l.get_ydata()[0] == 10.0 for l in ax.lines)
+
+
+def test_a_blown_up_fine_tuning_is_recorded_not_written_as_success(tmp_path, tiny_dir):
+    """FT-M with an absurd learning rate: the probe sees it; no metric is computed from NaN."""
+    p = params(tmp_path, tiny_dir, editor="ft-m", n_edits=3,
+               hparams={"layer": 1, "lr": 1e30, "steps": 3}, collapse={"patience": 1})
+    ds = run_sequential(p, progress=False)
+    # the tiny random model's perplexity is that of a uniform guess before and after: only the
+    # matrix's norm (×1e32) tells, and the rule's max_growth catches it
+    assert ds.attrs["stop_reason"] == "collapsed" and int(ds["collapse_edit"]) == 1
+    assert ds.sizes["edit"] == 2 and ds["collapsed"].values.tolist() == [1, 1]
+    assert "1000x its unedited norm" in ds.attrs["collapse_rule"]

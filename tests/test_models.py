@@ -97,6 +97,21 @@ def test_unknown_model_name_lists_known_ones(monkeypatch):
         assert name in str(err.value)
 
 
+def test_an_unknown_name_fails_at_once_without_hub_retries(monkeypatch):
+    import time
+
+    from repro import models
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=2.0: False)  # as on a machine without a hub
+    t = time.perf_counter()
+    with pytest.raises(ValueError, match="not reachable") as err:
+        models.model_source("someone/no-such-model")
+    assert time.perf_counter() - t < 1.0 and "smollm2-135m" in str(err.value)
+    monkeypatch.setattr(models, "_hub_cached", lambda repo_id: repo_id == "someone/cached")
+    assert models.model_source("someone/cached") == "someone/cached"  # a cached hub id is still fine
+
+
 def test_unsupported_architecture_is_a_clear_error():
     model = torch.nn.Linear(2, 2)
     model.config = type("C", (), {"model_type": "bert"})()

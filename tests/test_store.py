@@ -70,3 +70,12 @@ def test_a_damaged_run_file_is_named(tmp_path):
     bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)
     with pytest.raises(OSError, match="broken.nc cannot be read"):
         store.read_netcdf(bad)
+
+
+def test_a_finished_run_made_with_other_parameters_is_never_silently_replaced(tmp_path):
+    path = tmp_path / "run.nc"
+    store.write_netcdf(xr.Dataset({"x": ("i", [1.0])}, attrs=store.provenance({"n_edits": 3}, "cpu")), path)
+    assert store.existing_run(path, {"n_edits": 3}) is not None  # same parameters: reused
+    with pytest.raises(FileExistsError, match="other parameters"):
+        store.existing_run(path, {"n_edits": 4})
+    assert store.existing_run(path, {"n_edits": 4}, overwrite=True) is None  # only when told explicitly

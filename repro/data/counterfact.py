@@ -110,6 +110,12 @@ def _template(value: Any, where: str) -> str:
     prompt = _text(value, where, "requested_rewrite.prompt")
     if prompt.count("{}") != 1:
         raise _fail(where, "requested_rewrite.prompt", f"must contain '{{}}' exactly once, got {prompt!r}")
+    try:  # any other brace (a named placeholder such as {kind}, a lone '{') would fail mid-run
+        prompt.format("subject")
+    except (KeyError, IndexError, ValueError) as err:
+        raise _fail(where, "requested_rewrite.prompt",
+                    f"may hold no placeholder but '{{}}' (write a literal brace as '{{{{' or '}}}}'), "
+                    f"got {prompt!r} ({type(err).__name__}: {err})") from None
     return prompt
 
 
@@ -166,11 +172,17 @@ def parse_records(raws: Any) -> list[Record]:
 def load_records(path: str | Path) -> list[Record]:
     """Read our JSON or an original CounterFact / MultiCounterFact file."""
     with open(path, encoding="utf-8") as fh:
-        raws = json.load(fh)
+        try:
+            raws = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON ({err})") from None
     try:
-        return parse_records(raws)
+        records = parse_records(raws)
     except ValueError as err:
         raise ValueError(f"{path}: {err}") from None
+    if not records:
+        raise ValueError(f"{path}: holds no records")
+    return records
 
 
 # --------------------------------------------------------------------------------------------

@@ -74,6 +74,43 @@ class Editor(ABC):
             raise ValueError(f"{self.name} keeps no state, got keys {sorted(state)}")
 
 
+# Allowed values of hyperparameters shared by several editors, by name: (kind, low, high) with
+# kind "int" or "float"; low/high inclusive bounds (None: unbounded); every number must be finite.
+# A covariance from fewer than 1,000 tokens is singular in practice, so stats_tokens starts there.
+HPARAM_RANGES: dict[str, tuple[str, float | None, float | None]] = {
+    "v_steps": ("int", 1, None), "steps": ("int", 1, None), "stats_tokens": ("int", 1000, None),
+    "n_prefix_short": ("int", 0, None), "n_prefix_long": ("int", 0, None), "mpes_extra_steps": ("int", 0, None),
+    "batch_values_max": ("int", 1, None), "rank": ("int", 1, None), "n_blocks": ("int", 1, None),
+    "v_lr": ("float", 1e-12, None), "lr": ("float", 1e-12, None), "clamp_norm_factor": ("float", 1e-12, None),
+    "mom2_weight": ("float", 0, None), "alpha": ("float", 1e-12, None), "alpha_init": ("float", 1e-12, None),
+    "eps": ("float", 1e-30, None), "v_weight_decay": ("float", 0, None), "kl_factor": ("float", 0, None),
+    "nll_stop": ("float", 0, None), "loss_stop": ("float", 0, None), "cov_ridge": ("float", 0, None),
+    "eta": ("float", 0, None), "l2": ("float", 0, None), "norm_weight": ("float", 0, None),
+    "null_energy": ("float", 1e-12, 1.0), "dropout": ("float", 0, 0.999),
+}
+EARLY_STOPS = ("nll", "mpes")
+
+
+def check_hparams(editor: str, hp) -> None:
+    """Refuse hyperparameters outside :data:`HPARAM_RANGES` (and unknown early-stopping rules),
+    naming the editor, the hyperparameter, its value and what is allowed."""
+    import math
+
+    for f in dataclasses.fields(hp):
+        value = getattr(hp, f.name)
+        if f.name == "early_stop" and value not in EARLY_STOPS:
+            raise ValueError(f"{editor} hyperparameter early_stop={value!r}: allowed {EARLY_STOPS}")
+        if f.name not in HPARAM_RANGES:
+            continue
+        kind, low, high = HPARAM_RANGES[f.name]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        allowed = f"{'an integer' if kind == 'int' else 'a finite number'}" + (
+            f" >= {low:g}" if low is not None else "") + (f" and <= {high:g}" if high is not None else "")
+        if (not number or (kind == "int" and not float(value).is_integer()) or not math.isfinite(value)
+                or (low is not None and value < low) or (high is not None and value > high)):
+            raise ValueError(f"{editor} hyperparameter {f.name}={value!r}: must be {allowed}")
+
+
 def load_hparams(cls, editor: str, lm: LoadedModel, overrides: dict[str, Any] | None = None):
     """Hyperparameters of ``editor`` for ``lm``: YAML ``default``, then the model family, then the
     model's own name, then ``overrides``. Unknown keys are an error."""
@@ -92,4 +129,6 @@ def load_hparams(cls, editor: str, lm: LoadedModel, overrides: dict[str, Any] | 
     if missing:
         raise ValueError(f"{editor} needs {missing} for model {lm.name!r}: add them to "
                          f"hparams/{editor}.yaml or pass them explicitly")
-    return cls(**merged)
+    hp = cls(**merged)
+    check_hparams(editor, hp)
+    return hp

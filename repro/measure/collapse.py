@@ -5,7 +5,10 @@
 * any edited weight, or any logit of the probe text, is not finite, or
 * the perplexity of the probe text (the first ``probe_tokens`` tokens of the held-out Wikipedia
   text, one forward pass) exceeds ``factor`` times its perplexity on the unedited model
-  (default ×10).
+  (default ×10), or
+* an edited matrix has blown up: its Frobenius norm exceeds ``max_growth`` times its unedited
+  norm (default ×1000), a model no longer to be trusted even where its perplexity still looks
+  sane (a normalised residual stream can hide a matrix of 1e30).
 
 The first edit count at which the rule holds is the run's *collapse edit*. A non-finite model is
 final: the run stops at once and writes its file with the metrics of that editor call left as
@@ -25,6 +28,7 @@ from .downstream import text_chunks
 
 NONFINITE = "non-finite"
 PERPLEXITY = "perplexity"
+BLOWN_UP = "blown-up"
 
 
 @dataclass
@@ -32,6 +36,7 @@ class CollapseParams:
     factor: float = 10.0  # collapse: probe perplexity above factor x the unedited model's
     probe_tokens: int = 256  # tokens of held-out text in the probe (one window)
     patience: int = 100  # stop once collapsed for this many edits in a row (0: never stop early)
+    max_growth: float = 1000.0  # collapse: an edited matrix's norm above this x its unedited norm
 
     def __post_init__(self):
         if not (isinstance(self.factor, (int, float)) and math.isfinite(self.factor) and self.factor > 1):
@@ -40,6 +45,8 @@ class CollapseParams:
             raise ValueError(f"collapse probe_tokens must be an integer >= 8, got {self.probe_tokens!r}")
         if not isinstance(self.patience, int) or self.patience < 0:
             raise ValueError(f"collapse patience must be an integer >= 0, got {self.patience!r}")
+        if not (isinstance(self.max_growth, (int, float)) and math.isfinite(self.max_growth) and self.max_growth > 1):
+            raise ValueError(f"collapse max_growth must be a finite number > 1, got {self.max_growth!r}")
 
     def rule(self) -> str:
         """The rule in words, as stored in run files."""
@@ -47,7 +54,8 @@ class CollapseParams:
                 if self.patience else "")
         return (f"collapsed when an edited weight or a probe logit is not finite, or the perplexity of "
                 f"the first {self.probe_tokens} held-out Wikipedia tokens exceeds {self.factor:g}x the "
-                f"unedited model's{stop}; non-finite stops the run at once")
+                f"unedited model's, or an edited matrix's norm exceeds {self.max_growth:g}x its unedited "
+                f"norm{stop}; non-finite stops the run at once")
 
 
 class CollapseProbe:
@@ -60,6 +68,8 @@ class CollapseProbe:
         tokens = self.params.probe_tokens
         self.ids = text_chunks(lm.tokenizer, texts, tokens, tokens)[:1]
         self.reference: float | None = None
+        # made on the freshly loaded (unedited) model, also when a run resumes
+        self.norms0 = self.edited_norms()
 
     @torch.no_grad()
     def perplexity(self) -> float:
@@ -71,6 +81,11 @@ class CollapseProbe:
             return float("nan")
         nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
         return float(torch.exp(nll))
+
+    @torch.no_grad()
+    def edited_norms(self) -> list[float]:
+        return [float(torch.linalg.vector_norm(self.lm.spec.weight(self.lm.model, l, m).double()))
+                for l, m in self.edited]
 
     def weights_finite(self) -> bool:
         return all(bool(torch.isfinite(self.lm.spec.weight(self.lm.model, l, m)).all()) for l, m in self.edited)
@@ -91,6 +106,8 @@ class CollapseProbe:
         ppl = self.perplexity()
         if not math.isfinite(ppl):
             return ppl, NONFINITE
+        if any(n > self.params.max_growth * n0 for n, n0 in zip(self.edited_norms(), self.norms0)):
+            return ppl, BLOWN_UP
         return ppl, (PERPLEXITY if ppl > self.params.factor * self.reference else None)
 
 
