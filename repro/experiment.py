@@ -26,14 +26,14 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from . import store
+from . import memory, store
 from .data.counterfact import EditRequest, Record, load_records, to_request
 from .data.text import load_text
 from .editors import make_editor
 from .measure.collapse import NONFINITE, CollapseParams, CollapseProbe, collapsed_for, first_collapse
 from .measure.norms import weight_norms
 from .measure.rewrite import compare_targets, prefers_new
-from .models import LoadedModel, load_model
+from .models import DTYPES, LoadedModel, load_model
 from .paths import from_root
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,9 @@ class SequentialParams:
     checkpoint_every: int = 10
     output: str = "data/runs/smoke_rome.nc"
     device: str | None = None
+    # precision of the model's forward and backward passes; second moments and closed-form solves
+    # stay fp64, value optimisation keeps δ and Adam's state in fp32 (models.DTYPES)
+    dtype: str = "float32"
     hparams: dict = field(default_factory=dict)  # editor hyperparameter overrides
 
     def validate(self) -> None:
@@ -79,6 +82,8 @@ class SequentialParams:
             raise ValueError(f"measure_at must hold edit counts between 1 and n_edits={self.n_edits}, got {at}")
         if self.measure and not (self.measure_every or at):
             raise ValueError("measure options given but measure_every is 0 and measure_at empty (measurements off)")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         CollapseParams(**self.collapse)  # checks names and ranges
         if not str(self.output).endswith(".nc"):
             raise ValueError(f"output must be a .nc file, got {self.output!r}")
@@ -172,8 +177,10 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
     except ValueError as err:
         raise ValueError(f"{params.facts}: {err} (n_edits={params.n_edits})") from None
     requests = [to_request(r) for r in records]
-    lm = load_model(params.model, device=params.device)
+    lm = load_model(params.model, device=params.device, dtype=DTYPES[params.dtype])
     editor = make_editor(params.editor, lm, **params.hparams)
+    if progress:
+        print(memory.describe(memory.estimate(lm, editor, params.n_edits), lm), flush=True)
     editor.prepare()  # statistics and prefixes from the unedited model, also when resuming
     edited = editor.edited_matrices()
     state_file = store.state_path(output)

@@ -31,6 +31,10 @@ def cache_dir() -> Path:
     return path
 
 
+# the precisions a run may use for the model's forward and backward passes, by name
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """The device to run on: the argument, else ``$NORMGROWTH_DEVICE``, else CUDA, MPS or CPU."""
     device = device or os.environ.get("NORMGROWTH_DEVICE")

@@ -23,8 +23,16 @@ def _slug(text: str) -> str:
     return slug if len(slug) < 60 else slug[:40] + "-" + hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
-def stats_path(model_name: str, mtype: str, layer: int, corpus: str, n_tokens: int) -> Path:
-    return cache_dir() / "stats" / _slug(model_name) / f"{mtype}_L{layer}_{_slug(corpus)}_{n_tokens}.pt"
+def stats_path(model_name: str, mtype: str, layer: int, corpus: str, n_tokens: int,
+               dtype: torch.dtype = torch.float32) -> Path:
+    """The cache file; statistics of a model run in another precision than fp32 are kept apart
+    (their keys come from that precision's forward pass)."""
+    tag = "" if dtype == torch.float32 else "_" + str(dtype).removeprefix("torch.")
+    return cache_dir() / "stats" / _slug(model_name) / f"{mtype}_L{layer}_{_slug(corpus)}_{n_tokens}{tag}.pt"
+
+
+def _model_dtype(lm: LoadedModel) -> torch.dtype:
+    return next(lm.model.parameters()).dtype
 
 
 def _load_corpus(corpus: str) -> list[str]:
@@ -99,7 +107,7 @@ def second_moment(
     key then uses ``corpus`` as given, so name it).
     """
     mtype = mtype or lm.spec.mlp_out
-    path = stats_path(lm.name, mtype, layer, corpus, n_tokens)
+    path = stats_path(lm.name, mtype, layer, corpus, n_tokens, _model_dtype(lm))
     if path.exists():
         return torch.load(path, map_location=lm.device).double()
     texts = texts if texts is not None else _load_corpus(corpus)
@@ -121,11 +129,11 @@ def second_moments(
 ) -> dict[int, torch.Tensor]:
     """:func:`second_moment` for several layers; the missing ones are collected in one pass."""
     mtype = mtype or lm.spec.mlp_out
-    missing = [l for l in layers if not stats_path(lm.name, mtype, l, corpus, n_tokens).exists()]
+    missing = [l for l in layers if not stats_path(lm.name, mtype, l, corpus, n_tokens, _model_dtype(lm)).exists()]
     if missing:
         fresh = collect_second_moments(lm, missing, mtype, _load_corpus(corpus), n_tokens, progress=progress)
         for layer, C in fresh.items():
-            path = stats_path(lm.name, mtype, layer, corpus, n_tokens)
+            path = stats_path(lm.name, mtype, layer, corpus, n_tokens, _model_dtype(lm))
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(f".tmp{os.getpid()}")
             torch.save(C.float().cpu(), tmp)

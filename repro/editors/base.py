@@ -91,6 +91,14 @@ HPARAM_RANGES: dict[str, tuple[str, float | None, float | None]] = {
 EARLY_STOPS = ("nll", "mpes")
 
 
+def refuse_fp16_training(editor: str, lm: LoadedModel) -> None:
+    """Editors that train weights in the model's own precision cannot do it in float16: Adam's
+    steps underflow and its denominators vanish (NaN within a few steps). bfloat16 has fp32's range."""
+    if next(lm.model.parameters()).dtype == torch.float16:
+        raise ValueError(f"{editor} trains weights in the model's precision, which float16 cannot hold "
+                         f"(Adam's steps underflow to NaN): load the model in bfloat16 or float32")
+
+
 def check_hparams(editor: str, hp) -> None:
     """Refuse hyperparameters outside :data:`HPARAM_RANGES` (and unknown early-stopping rules),
     naming the editor, the hyperparameter, its value and what is allowed."""

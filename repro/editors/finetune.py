@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..models import LoadedModel
-from .base import Editor, EditResult, Request, load_hparams
+from .base import Editor, EditResult, Request, load_hparams, refuse_fp16_training
 from .locate import PromptBatch, encode_rows, logits_at
 
 OBJECTIVES = ("prompt_last", "teacher_forced")
@@ -155,6 +155,7 @@ class FTM(Editor):
 
     def __init__(self, lm: LoadedModel, hparams: FTHyperParams):
         super().__init__(lm, hparams)
+        refuse_fp16_training(self.name, lm)
         self.mtype = hparams.mtype or lm.spec.mlp_out
         if not 0 <= hparams.layer < lm.n_layers:
             raise ValueError(f"layer {hparams.layer} outside 0..{lm.n_layers - 1} for {lm.name}")

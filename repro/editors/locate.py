@@ -360,7 +360,7 @@ def _optimize_group(lm, layer, mtype, requests, *, steps, lr, weight_decay, kl_f
         else:
             shift = torch.stack([deltas[i].detach() if i in state["stopped"] else deltas[i]
                                  for i in cur.active])[cur.owner].unsqueeze(1)
-        return out + cur.mask * shift.to(out.dtype)
+        return out + (cur.mask * shift).to(out.dtype)  # δ and its optimiser state stay fp32
 
     stack = ExitStack()
     if reuse_prefix:

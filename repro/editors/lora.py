@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models import LoadedModel
-from .base import Editor, EditResult, Request, load_hparams
+from .base import Editor, EditResult, Request, load_hparams, refuse_fp16_training
 from .finetune import edit_batch, only_trainable, request_info, train_on_edits
 
 ADAPTER = "edit"
@@ -43,6 +43,7 @@ class LoRAEditor(Editor):
 
     def __init__(self, lm: LoadedModel, hparams: LoRAHyperParams):
         super().__init__(lm, hparams)
+        refuse_fp16_training(self.name, lm)
         self.mtype = hparams.mtype or lm.spec.mlp_out
         if not hparams.layers:
             raise ValueError(f"lora needs at least one layer for {lm.name}")
