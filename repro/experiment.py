@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import memory, store
 from .data.counterfact import EditRequest, Record, load_records, to_request

@@ -7,7 +7,7 @@ import time
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .data.counterfact import Record, to_request
 from .editors import make_editor

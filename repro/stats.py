@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .hooks import StopForward, capture
 from .models import LoadedModel, cache_dir

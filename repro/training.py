@@ -62,7 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import xarray as xr
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from . import store
 from .data.counterfact import Record, load_records

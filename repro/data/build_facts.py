@@ -239,7 +239,7 @@ def score_candidates(lm, prompts: list[str], cands: list[list[str]],
     prompt is encoded once and its KV cache is repeated for the candidates' continuations.
     """
     import torch
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     tok = lm.tokenizer
     p_ids = tok(prompts, add_special_tokens=False).input_ids

@@ -1,0 +1,119 @@
+"""The claims' verdicts follow the data: on hand-made run files each rule gives "holds" when every
+run satisfies it, "holds in part" when some do, "not reproduced" when none does, and "not tested
+here" without runs; changing the data flips the verdict."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from repro import claims
+from repro.claims import HOLDS, NOT_REPRODUCED, NOT_TESTED, PART
+
+
+def post_run(ratio: float, wd: float = 0.0):
+    steps = np.array([0, 10, 20])
+    w = np.ones((3, 2, 2)) * 10.0
+    w[:, :, :] *= np.linspace(1.0, ratio, 3)[:, None, None]
+    return xr.Dataset({"weight_norm": (("step", "layer", "matrix"), w),
+                       "trained": (("layer", "matrix"), np.ones((2, 2), dtype=np.int8))},
+                      coords={"step": steps, "layer": [0, 1], "matrix": ["a", "b"]},
+                      attrs={"params": json.dumps({"intervention": "cpt", "weight_decay": wd})}), None
+
+
+def edit_run(editor: str, growth: float, unedited: float = 12.0, n: int = 10, batch: int = 1,
+             efficacy: float = 1.0, **measures):
+    """One edited matrix (layer 0) growing geometrically from 10 to 10·growth, one unedited."""
+    steps = np.arange(0, n + 1, batch)
+    norms = np.ones((len(steps), 2, 1)) * unedited
+    norms[:, 0, 0] = 10.0 * growth ** (steps / n)
+    ds = xr.Dataset({"weight_norm": (("step", "layer", "matrix"), norms),
+                     "edited": (("layer", "matrix"), np.array([[1], [0]], dtype=np.int8)),
+                     "efficacy": ("edit", np.full(n, efficacy))},
+                    coords={"step": steps, "layer": [0, 1], "matrix": ["mlp_down"], "edit": np.arange(1, n + 1)},
+                    attrs={"editor": editor, "params": json.dumps({"n_edits": n, "batch_size": batch})})
+    if measures:
+        ckpt = np.array([0, n // 2, n])
+        m = {k: np.asarray(v, dtype=float) for k, v in measures.items()}
+        ds = ds.assign_coords(ckpt=ckpt, site=["resid"], layer=[0, 1])
+        for name in ("perplexity", "task_mean_acc", "recall", "es"):
+            ds[name] = ("ckpt", m[name])
+        ds["act_norm"] = (("ckpt", "site", "layer"), np.broadcast_to(m["act_norm"][:, None, None], (3, 1, 2)).copy())
+        ds["subspace_overlap"] = (("ckpt", "site", "layer"),
+                                  np.broadcast_to(m["overlap"][:, None, None], (3, 1, 2)).copy())
+    return ds, None
+
+
+HEALTHY = dict(perplexity=[10, 10.1, 10.2], task_mean_acc=[0.8, 0.8, 0.8], recall=[1, 1, 1], es=[np.nan, 1.0, 1.0],
+               act_norm=[5.0, 5.0, 5.0], overlap=[1.0, 0.99, 0.99])
+BROKEN = dict(perplexity=[10, 20, 40], task_mean_acc=[0.8, 0.7, 0.5], recall=[1, 0.8, 0.6], es=[np.nan, 1.0, 0.7],
+              act_norm=[5.0, 4.5, 4.0], overlap=[1.0, 0.8, 0.6])
+
+
+def test_no_runs_is_not_tested():
+    for judge in (claims.claim_post_training, claims.claim_norm_growth, claims.claim_degradation,
+                  claims.claim_activations, claims.claim_remedy):
+        assert judge({}).verdict == NOT_TESTED
+
+
+def test_post_training_verdict_flips_with_the_data():
+    assert claims.claim_post_training({"a": post_run(1.01), "b": post_run(1.001)}).verdict == HOLDS
+    assert claims.claim_post_training({"a": post_run(1.01), "b": post_run(0.99, wd=0.1)}).verdict == PART
+    v = claims.claim_post_training({"a": post_run(0.99)})
+    assert v.verdict == NOT_REPRODUCED and v.evidence.loc["a", "growth"] == pytest.approx(0.99)
+
+
+def test_norm_growth_needs_growth_and_passing_the_unedited_matrices():
+    big = edit_run("rome", 1.5)  # 10 -> 15 passes the unedited 12
+    small = edit_run("memit", 1.1)  # 10 -> 11 grows but stays below 12
+    assert claims.claim_norm_growth({"a": big}).verdict == HOLDS
+    v = claims.claim_norm_growth({"a": big, "b": small})
+    assert v.verdict == PART and bool(v.evidence.loc["b", "grows every edit"]) and not v.evidence.loc["b", "far beyond"]
+    assert v.evidence.loc["a", "passes unedited at"] == 5  # 10·1.5^(k/10) > 12 first at k = 5
+    assert claims.claim_norm_growth({"b": small, "c": edit_run("ft-m", 0.9)}).verdict == NOT_REPRODUCED
+    assert "×1.500" in v.summary
+
+
+def test_degradation_needs_abilities_and_editing_to_degrade():
+    broken, healthy = edit_run("mend", 2.0, **BROKEN), edit_run("memit", 1.01, **HEALTHY)
+    assert claims.claim_degradation({"a": broken}).verdict == HOLDS
+    v = claims.claim_degradation({"a": broken, "b": healthy})
+    assert v.verdict == PART and v.evidence.loc["a", "perplexity ×"] == pytest.approx(4.0)
+    assert v.evidence.loc["a", "ES drop"] == pytest.approx(0.3)  # from the first checkpoint after editing
+    assert claims.claim_degradation({"b": healthy}).verdict == NOT_REPRODUCED
+    half = dict(HEALTHY, perplexity=[10, 12, 14])  # abilities degrade, the edits hold
+    assert claims.claim_degradation({"c": edit_run("rome", 1.2, **half)}).verdict == PART
+
+
+def test_activation_verdict_flips_with_norms_and_overlap():
+    assert claims.claim_activations({"a": edit_run("ft-m", 1.1, **BROKEN)}).verdict == HOLDS
+    assert claims.claim_activations({"b": edit_run("memit", 1.0, **HEALTHY)}).verdict == NOT_REPRODUCED
+    moved = dict(HEALTHY, overlap=[1.0, 0.9, 0.8])  # subspaces move, norms do not fall
+    v = claims.claim_activations({"c": edit_run("rome", 1.1, **moved)})
+    assert v.verdict == PART and v.evidence.loc["c", "subspace overlap"] == pytest.approx(0.8)
+
+
+def test_remedy_compares_encore_with_memit_at_the_same_length_and_batch():
+    memit = edit_run("memit", 1.2, batch=5)
+    good = edit_run("encore", 1.05, batch=5)
+    assert claims.claim_remedy({"m": memit, "e": good}).verdict == HOLDS
+    assert claims.claim_remedy({"m": memit, "e": edit_run("encore", 1.15, batch=5)}).verdict == NOT_REPRODUCED
+    assert claims.claim_remedy({"m": memit, "e": edit_run("encore", 1.05, batch=5, efficacy=0.5)}).verdict == NOT_REPRODUCED
+    assert claims.claim_remedy({"m": memit, "e": edit_run("encore", 1.05, batch=1)}).verdict == NOT_TESTED
+
+
+def test_the_committed_runs_give_a_verdict_for_every_claim():
+    items = claims.verdicts()
+    assert [v.claim for v in items] == ["1", "2", "3", "4", "remedy"]
+    assert all(v.verdict in (HOLDS, PART, NOT_REPRODUCED, NOT_TESTED) and v.rule for v in items)
+    table = claims.verdict_table(items)
+    assert list(table.columns) == ["statement", "verdict", "effect sizes"]
+
+
+def test_the_readme_results_are_the_generated_verdicts():
+    from repro.paths import ROOT
+
+    text = (ROOT / "README.md").read_text()
+    assert claims.readme_block(claims.verdicts()) in text, "README results drifted: python -m repro.claims --readme"
