@@ -60,6 +60,7 @@ class Verdict:
     evidence: object = None  # pandas DataFrame, one row per judged run
     summary: str = ""  # one sentence of effect sizes, generated from the evidence
     figures: list[str] = field(default_factory=list)
+    precision: int = 3  # decimals of the evidence table
 
 
 def _verdict(passes: list[bool]) -> str:
@@ -69,9 +70,23 @@ def _verdict(passes: list[bool]) -> str:
 
 
 def _frame(rows: list[dict]):
+    """Rows as a DataFrame indexed by a short label of each run; yes/no for the rule's tests."""
     import pandas as pd
 
-    return pd.DataFrame(rows).set_index("run") if rows else pd.DataFrame()
+    if not rows:
+        return pd.DataFrame()
+    table = pd.DataFrame(rows).set_index("run")
+    for col in table.columns:
+        if table[col].dtype == bool:
+            table[col] = table[col].map({True: "yes", False: "no"})
+    return table
+
+
+def run_label(ds: xr.Dataset) -> str:
+    """A short name of an editing run: editor, edits, batch size when above 1 (e.g. "MEMIT 100×10")."""
+    p = json.loads(ds.attrs.get("params", "{}"))
+    batch = int(p.get("batch_size", 1))
+    return f"{_editor(ds)} {int(ds.sizes['edit']):,}" + (f"×{batch}" if batch > 1 else "")
 
 
 def growth(ds: xr.Dataset) -> float:
@@ -101,9 +116,9 @@ def claim_post_training(runs: dict) -> Verdict:
         w = ds["weight_norm"].where(trained)
         ratio = float(w.isel(step=-1).mean() / w.isel(step=0).mean())
         grown = float(((w.isel(step=-1) > w.isel(step=0)).where(trained)).mean())
-        params = json.loads(ds.attrs.get("params", "{}"))
-        rows.append({"run": rid, "intervention": params.get("intervention", ""),
-                     "weight decay": float(params.get("weight_decay", 0.0)), "growth": ratio,
+        from .report import training_setting
+
+        rows.append({"run": training_setting(ds), "growth": ratio,
                      "share grown": grown, "grows": ratio > 1 and grown >= GROWN_SHARE})
     ev = _frame(rows)
     summary = ""
@@ -114,7 +129,7 @@ def claim_post_training(runs: dict) -> Verdict:
     return Verdict("1", "Post-training (continued pre-training, full and LoRA fine-tuning) increases the "
                    "Frobenius norm of the updated matrices.", _verdict([r["grows"] for r in rows]),
                    f"per post-training run: growth > 1 and at least {GROWN_SHARE:.0%} of the trained matrices "
-                   f"end above their start", ev, summary, ["figures/f1_post_training"])
+                   f"end above their start", ev, summary, ["figures/f1_post_training"], precision=5)
 
 
 # -- claim 2 ------------------------------------------------------------------------------------
@@ -122,7 +137,7 @@ def claim_norm_growth(runs: dict) -> Verdict:
     rows = []
     for rid, (ds, _) in runs.items():
         g, r, cross = growth(ds), rises_share(ds), crossing_edit(ds)
-        rows.append({"run": rid, "editor": _editor(ds), "edits": int(ds.sizes["edit"]), "growth": g,
+        rows.append({"run": run_label(ds), "growth": g,
                      "rises": r, "passes unedited at": cross if cross > 0 else None,
                      "grows every edit": g > 1 and r >= RISES_SHARE, "far beyond": cross > 0})
     for row in rows:
@@ -133,7 +148,7 @@ def claim_norm_growth(runs: dict) -> Verdict:
         best = max(rows, key=lambda x: x["growth"])
         summary = (f"The edited matrices grow with (nearly) every edit in {_count(rows, 'grows every edit')} runs "
                    f"and end above every unedited matrix of their type in {_count(rows, 'far beyond')}; growth "
-                   f"ranges from ×{min(x['growth'] for x in rows):.3f} to ×{best['growth']:.3f} ({best['editor']}).")
+                   f"ranges from ×{min(x['growth'] for x in rows):.3f} to ×{best['growth']:.3f} ({best['run']}).")
     return Verdict("2", "Under sequential editing, with every family of editor, the norm of the edited matrix "
                    "grows with every edit, far beyond the unedited matrices.", _verdict([r["holds"] for r in rows]),
                    f"per run: growth > 1, the mean edited norm rising over at least {RISES_SHARE:.0%} of the "
@@ -157,7 +172,7 @@ def claim_degradation(runs: dict) -> Verdict:
         es_drop = float(edited["es"].isel(ckpt=0) - edited["es"].isel(ckpt=-1)) if edited.sizes["ckpt"] > 1 else np.nan
         down = ppl >= PPL_RISE or acc >= ACC_DROP or recall >= ACC_DROP
         editing = bool(es_drop >= ES_DROP)
-        rows.append({"run": rid, "editor": _editor(ds), "growth": growth(ds), "perplexity ×": ppl,
+        rows.append({"run": run_label(ds), "growth": growth(ds), "perplexity ×": ppl,
                      "task acc drop": acc, "recall drop": recall, "ES drop": es_drop,
                      "abilities degrade": down, "editing degrades": editing, "holds": down and editing})
     ev = _frame(rows)
@@ -188,7 +203,7 @@ def claim_activations(runs: dict) -> Verdict:
         norm = ds["act_norm"].sel(site="resid")
         rel = float((norm.isel(ckpt=-1) / norm.isel(ckpt=0)).mean("layer"))
         overlap = float(ds["subspace_overlap"].sel(site="resid").isel(ckpt=-1).mean("layer"))
-        rows.append({"run": rid, "editor": _editor(ds), "residual norm ×": rel, "subspace overlap": overlap,
+        rows.append({"run": run_label(ds), "residual norm ×": rel, "subspace overlap": overlap,
                      "norms fall": rel <= NORM_FALL, "subspaces move": overlap < OVERLAP})
     for row in rows:
         row["holds"] = row["norms fall"] and row["subspaces move"]
@@ -225,7 +240,7 @@ def claim_remedy(runs: dict) -> Verdict:
         m = memit[key(ds)]
         ge, gm = growth(ds), growth(m)
         es_e, es_m = float(ds["efficacy"].mean()), float(m["efficacy"].mean())
-        rows.append({"run": rid, "edits": key(ds)[0], "batch": key(ds)[1], "ENCORE growth": ge,
+        rows.append({"run": run_label(ds), "edits": key(ds)[0], "batch": key(ds)[1], "ENCORE growth": ge,
                      "MEMIT growth": gm, "ENCORE ES": es_e, "MEMIT ES": es_m,
                      "holds": (ge - 1) <= REMEDY_SHARE * (gm - 1) and es_e >= es_m - REMEDY_ES})
     ev = _frame(rows)

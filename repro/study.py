@@ -105,7 +105,21 @@ def execute(run: Run, force: bool = False) -> None:
         str(from_root(run.notebook)), str(tmp), parameters=params, cwd=str(ROOT),
         kernel_name="python3", progress_bar=True, log_output=True,
     )
+    quiet_stderr(tmp)
     tmp.replace(run.executed)
+
+
+def quiet_stderr(notebook: Path) -> None:
+    """Mark an executed run notebook so that the book leaves out its stderr (progress bars, library
+    warnings with this machine's paths): the book shows what the run printed, its figures and its
+    errors, never its progress. The notebook file keeps everything."""
+    import json
+
+    nb = json.loads(notebook.read_text())
+    if nb.setdefault("metadata", {}).get("mystnb", {}).get("output_stderr") == "remove":
+        return
+    nb["metadata"].setdefault("mystnb", {})["output_stderr"] = "remove"
+    notebook.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
 def sync_toc(runs: list[Run], toc: Path | None = None) -> list[str]:

@@ -32,6 +32,7 @@ def build(tmp_path: Path, code: str) -> subprocess.CompletedProcess:
     shutil.copy(ROOT / "_config.yml", tmp_path / "_config.yml")
     book = tmp_path / "book"
     book.mkdir()
+    shutil.copytree(ROOT / "book" / "_ext", book / "_ext")  # the book's own Sphinx extension
     (book / "_toc.yml").write_text("format: jb-book\nroot: intro\n")
     (book / "intro.md").write_text(PAGE.format(code=code))
     exe = Path(sys.executable).with_name("jupyter-book")
@@ -61,3 +62,25 @@ def test_every_toc_entry_exists():
     files = [toc["root"]] + [ch["file"] for part in toc["parts"] for ch in part["chapters"]]
     for name in files:
         assert any((ROOT / "book" / f"{name}{ext}").exists() for ext in (".md", ".ipynb")), name
+
+
+# What a rendered page must not show: Python warnings and tracebacks, or this machine's paths.
+DIRTY = re.compile(r"Traceback \(most recent call last\)|\b\w*Warning\b:|" + re.escape(str(ROOT)) + "|"
+                   + re.escape(str(Path.home())) + "/")
+
+
+def test_the_whole_book_builds_clean(tmp_path):
+    """The real book: it builds, Sphinx reports no warning, and no page shows a traceback, a
+    Python warning or a local path (run notebooks show their stdout, not their progress bars)."""
+    exe = Path(sys.executable).with_name("jupyter-book")
+    result = subprocess.run([str(exe), "build", str(ROOT / "book"), "--path-output", str(tmp_path)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    warnings = [line for line in log.splitlines() if "WARNING" in line and "Kernel is running over TCP" not in line]
+    assert not warnings, "\n".join(warnings[:20])
+    html = tmp_path / "_build" / "html"
+    pages = [p for p in html.rglob("*.html") if "_static" not in p.parts]
+    assert len(pages) > 20
+    dirty = {str(p.relative_to(html)): m.group(0) for p in pages if (m := DIRTY.search(p.read_text()))}
+    assert not dirty, dirty

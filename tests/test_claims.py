@@ -20,7 +20,7 @@ def post_run(ratio: float, wd: float = 0.0):
     return xr.Dataset({"weight_norm": (("step", "layer", "matrix"), w),
                        "trained": (("layer", "matrix"), np.ones((2, 2), dtype=np.int8))},
                       coords={"step": steps, "layer": [0, 1], "matrix": ["a", "b"]},
-                      attrs={"params": json.dumps({"intervention": "cpt", "weight_decay": wd})}), None
+                      attrs={"params": json.dumps({"intervention": "cpt", "weight_decay": wd, "lr": 1e-4})}), None
 
 
 def edit_run(editor: str, growth: float, unedited: float = 12.0, n: int = 10, batch: int = 1,
@@ -62,7 +62,8 @@ def test_post_training_verdict_flips_with_the_data():
     assert claims.claim_post_training({"a": post_run(1.01), "b": post_run(1.001)}).verdict == HOLDS
     assert claims.claim_post_training({"a": post_run(1.01), "b": post_run(0.99, wd=0.1)}).verdict == PART
     v = claims.claim_post_training({"a": post_run(0.99)})
-    assert v.verdict == NOT_REPRODUCED and v.evidence.loc["a", "growth"] == pytest.approx(0.99)
+    assert v.verdict == NOT_REPRODUCED and v.evidence["growth"].iloc[0] == pytest.approx(0.99)
+    assert v.evidence["grows"].iloc[0] == "no"
 
 
 def test_norm_growth_needs_growth_and_passing_the_unedited_matrices():
@@ -70,8 +71,9 @@ def test_norm_growth_needs_growth_and_passing_the_unedited_matrices():
     small = edit_run("memit", 1.1)  # 10 -> 11 grows but stays below 12
     assert claims.claim_norm_growth({"a": big}).verdict == HOLDS
     v = claims.claim_norm_growth({"a": big, "b": small})
-    assert v.verdict == PART and bool(v.evidence.loc["b", "grows every edit"]) and not v.evidence.loc["b", "far beyond"]
-    assert v.evidence.loc["a", "passes unedited at"] == 5  # 10·1.5^(k/10) > 12 first at k = 5
+    assert v.verdict == PART and v.evidence.loc["MEMIT 10", "grows every edit"] == "yes"
+    assert v.evidence.loc["MEMIT 10", "far beyond"] == "no"
+    assert v.evidence.loc["ROME 10", "passes unedited at"] == 5  # 10·1.5^(k/10) > 12 first at k = 5
     assert claims.claim_norm_growth({"b": small, "c": edit_run("ft-m", 0.9)}).verdict == NOT_REPRODUCED
     assert "×1.500" in v.summary
 
@@ -80,8 +82,8 @@ def test_degradation_needs_abilities_and_editing_to_degrade():
     broken, healthy = edit_run("mend", 2.0, **BROKEN), edit_run("memit", 1.01, **HEALTHY)
     assert claims.claim_degradation({"a": broken}).verdict == HOLDS
     v = claims.claim_degradation({"a": broken, "b": healthy})
-    assert v.verdict == PART and v.evidence.loc["a", "perplexity ×"] == pytest.approx(4.0)
-    assert v.evidence.loc["a", "ES drop"] == pytest.approx(0.3)  # from the first checkpoint after editing
+    assert v.verdict == PART and v.evidence.loc["MEND 10", "perplexity ×"] == pytest.approx(4.0)
+    assert v.evidence.loc["MEND 10", "ES drop"] == pytest.approx(0.3)  # from the first checkpoint after editing
     assert claims.claim_degradation({"b": healthy}).verdict == NOT_REPRODUCED
     half = dict(HEALTHY, perplexity=[10, 12, 14])  # abilities degrade, the edits hold
     assert claims.claim_degradation({"c": edit_run("rome", 1.2, **half)}).verdict == PART
@@ -92,7 +94,7 @@ def test_activation_verdict_flips_with_norms_and_overlap():
     assert claims.claim_activations({"b": edit_run("memit", 1.0, **HEALTHY)}).verdict == NOT_REPRODUCED
     moved = dict(HEALTHY, overlap=[1.0, 0.9, 0.8])  # subspaces move, norms do not fall
     v = claims.claim_activations({"c": edit_run("rome", 1.1, **moved)})
-    assert v.verdict == PART and v.evidence.loc["c", "subspace overlap"] == pytest.approx(0.8)
+    assert v.verdict == PART and v.evidence.loc["ROME 10", "subspace overlap"] == pytest.approx(0.8)
 
 
 def test_remedy_compares_encore_with_memit_at_the_same_length_and_batch():
