@@ -35,6 +35,14 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def _dtype():
+    """The model precision of this benchmark (``--dtype``, passed to the per-configuration children
+    through ``NORMGROWTH_DTYPE``)."""
+    from repro.models import DTYPES
+
+    return DTYPES[os.environ.get("NORMGROWTH_DTYPE", "float32")]
+
+
 def one_config(model: str, editor: str, early_stop: str | None, n_edits: int, seed: int) -> dict:
     """Time ``n_edits`` single-fact calls of one editor configuration (in this process)."""
     import torch
@@ -44,7 +52,7 @@ def one_config(model: str, editor: str, early_stop: str | None, n_edits: int, se
     from repro.experiment import select_requests
     from repro.models import load_model
 
-    lm = load_model(model)
+    lm = load_model(model, dtype=_dtype())
     rss_model = _rss_mib()
     overrides = {"early_stop": early_stop} if early_stop else {}
     ed = make_editor(editor, lm, **overrides)
@@ -92,7 +100,7 @@ def values_config(model: str, editor: str, joint: bool, n: int, steps: int | Non
     from repro.experiment import select_requests
     from repro.models import load_model
 
-    lm = load_model(model)
+    lm = load_model(model, dtype=_dtype())
     rss_model = _rss_mib()
     overrides = {"batch_values": joint}
     if steps:
@@ -157,7 +165,7 @@ def micro(model: str) -> list[dict]:
     from repro.hooks import capture, edit_output
     from repro.models import load_model
 
-    lm = load_model(model)
+    lm = load_model(model, dtype=_dtype())
     templates = [t.replace("{}", "{} plays the") for t in context_templates(lm, 0)]
     batch = make_batch(lm, templates, "Michael Jordan", "sport of basketball")
     layer, mtype = 1, lm.spec.mlp_out
@@ -227,6 +235,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batched-editor", default="memit")
     ap.add_argument("--early-stop", default=None, help="for --batched: nll or mpes (default: the editor's)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="model precision (default float32)")
     ap.add_argument("--_one", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_values", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -261,6 +271,8 @@ def main(argv=None) -> None:
             args.json.write_text(json.dumps(rows, indent=1))
         return
 
+    if args.dtype:
+        os.environ["NORMGROWTH_DTYPE"] = args.dtype  # the children inherit it
     if args._one:  # child process: one configuration, result as JSON on stdout's last line
         editor, early = args._one.split(",")
         print(json.dumps(one_config(args.model, editor, None if early == "default" else early,
