@@ -1,7 +1,7 @@
 """Render every page of the built book in headless Chromium, as a reader's browser would, and fail
 on a broken image or a console error; save a full-page screenshot of each page for review.
 
-    python scripts/browser_check.py [--html book/_build/html] [--out book/_build/screenshots]
+    python scripts/browser_check.py [--html _build/html] [--out _build/screenshots]
 
 Needs Chromium (Debian: ``apt-get install chromium``). It speaks the DevTools protocol over a
 pipe (``--remote-debugging-pipe``), so nothing beyond the standard library is needed. Prints one
@@ -137,8 +137,8 @@ class Browser:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--html", type=Path, default=ROOT / "book" / "_build" / "html")
-    ap.add_argument("--out", type=Path, default=ROOT / "book" / "_build" / "screenshots")
+    ap.add_argument("--html", type=Path, default=ROOT / "_build" / "html")
+    ap.add_argument("--out", type=Path, default=ROOT / "_build" / "screenshots")
     ap.add_argument("--chromium", default=shutil.which("chromium") or shutil.which("chromium-browser") or "chromium")
     args = ap.parse_args(argv)
     if not shutil.which(args.chromium) and not Path(args.chromium).exists():
