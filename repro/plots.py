@@ -6,7 +6,7 @@ import numpy as np
 import seaborn as sns
 import xarray as xr
 
-from .report import INTERVENTION_LABELS, edited_norms, relative_norms, short_matrix, training_setting
+from .report import INTERVENTION_LABELS, display_name, edited_norms, relative_norms, short_matrix, training_setting
 
 
 def plot_edited_norm_growth(ds: xr.Dataset, ax=None, title: str | None = None):
@@ -144,3 +144,95 @@ def plot_training_curves(ds: xr.Dataset, axes=None):
     twin.plot(ds["eval_step"], ds["task_loss"], marker="s", ms=3, color="C3")
     twin.set_ylabel("held-out task answer NLL", color="C3")
     return axes
+
+
+# --------------------------------------------------------------------------------------------
+# The book's style, and F2/F3 across editors
+# --------------------------------------------------------------------------------------------
+BOOK_WIDTH = 7.2  # inches: figures drawn at the book's text width keep their text at its size
+
+
+def use_book_style() -> None:
+    """Text of at least 9 pt at the book's width (figures no wider than ``BOOK_WIDTH``)."""
+    plt.rcParams.update({"font.size": 10, "axes.titlesize": 10, "axes.labelsize": 10, "legend.fontsize": 9,
+                         "xtick.labelsize": 9, "ytick.labelsize": 9, "figure.dpi": 100})
+
+
+def _mean_edited(ds: xr.Dataset) -> xr.DataArray:
+    return edited_norms(ds).mean("edited")
+
+
+def _unedited_range(runs: dict) -> tuple[float, float]:
+    """Smallest and largest unedited matrix (of each run's edited type) before the first edit."""
+    lo, hi = np.inf, -np.inf
+    for ds, _ in runs.values():
+        mtype = str(edited_norms(ds)["edited"].values[0]).split(":")[1]
+        unedited = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0).isel(step=0)
+        lo, hi = min(lo, float(unedited.min())), max(hi, float(unedited.max()))
+    return lo, hi
+
+
+def plot_norm_growth_overview(runs: dict, axes=None, zoom: tuple[float, float] | None = None):
+    """F2: the mean ‖W‖_F of each run's edited matrices vs number of edits, one line per editor in
+    its colour; the range of the unedited matrices of the same type as a grey band. With ``zoom``
+    (y limits) a second panel repeats the figure at that range; one legend, outside the data."""
+    from .measured import editor_colors  # the one colour per editor
+
+    n = 2 if zoom else 1
+    if axes is None:
+        _, axes = plt.subplots(n, 1, figsize=(BOOK_WIDTH, 3.2 * n), sharex=True, squeeze=False)
+        axes = axes[:, 0]
+    colors = editor_colors(runs)
+    lo, hi = _unedited_range(runs)
+    for i, ax in enumerate(axes):
+        ax.axhspan(lo, hi, color="0.85", zorder=0, label="unedited matrices (range)")
+        for ds, _ in runs.values():
+            name = display_name(str(ds.attrs.get("editor")))
+            ax.plot(ds["step"].values, _mean_edited(ds).values, color=colors[str(ds.attrs.get("editor"))], lw=1.8,
+                    label=name)
+        ax.set_ylabel("mean ‖W‖ of edited matrices")
+        if i == 1:
+            ax.set_ylim(*zoom)
+            ax.set_title(f"the same, ‖W‖ from {zoom[0]:g} to {zoom[1]:g}", loc="left")
+    axes[-1].set_xlabel("number of edits")
+    axes[0].legend(frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return axes
+
+
+def plot_layer_ratios(runs: dict, ax=None):
+    """F3: ‖W_N‖/‖W_0‖ of the edited matrix type at every layer after the whole sequence, one row per
+    run (a heat map on a log colour scale, white = unchanged); the layers each editor edited are
+    outlined and carry their ratio."""
+    from matplotlib.colors import LogNorm
+    from matplotlib.patches import Rectangle
+
+    labels, rows, edited = [], [], []
+    for ds, _ in runs.values():
+        en = edited_norms(ds)
+        mtype = str(en["edited"].values[0]).split(":")[1]
+        norms = ds["weight_norm"].sel(matrix=mtype)
+        rows.append((norms.isel(step=-1) / norms.isel(step=0)).values)
+        labels.append(display_name(str(ds.attrs.get("editor"))))
+        edited.append([list(norms["layer"].values).index(int(n.split(":")[0])) for n in en["edited"].values])
+    vals = np.array(rows)
+    ax = ax or plt.subplots(figsize=(BOOK_WIDTH, 0.42 * len(rows) + 1.4))[1]
+    top = max(float(np.nanmax(vals)), 1.01)
+    im = ax.imshow(vals, aspect="auto", cmap="RdBu_r", interpolation="nearest",
+                   norm=LogNorm(vmin=1 / top, vmax=top))
+    from matplotlib.ticker import FixedLocator, NullFormatter
+
+    for r, cols in enumerate(edited):
+        for c in cols:
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="k", lw=1.2))
+        best = max(cols, key=lambda c: vals[r, c])
+        ax.text(1.01, r, f"×{vals[r, best]:.2f} (layer {best})", transform=ax.get_yaxis_transform(),
+                va="center", ha="left", fontsize=9)
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("layer (outlined: edited; right: the largest ratio)")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    bar = plt.colorbar(im, ax=ax, label="‖W_N‖ / ‖W_0‖", fraction=0.04, pad=0.22)
+    ticks = [t for t in (0.5, 0.8, 1.0, 1.25, 2.0, 3.0) if 1 / top <= t <= top]
+    bar.ax.yaxis.set_major_locator(FixedLocator(ticks))
+    bar.ax.yaxis.set_minor_formatter(NullFormatter())
+    bar.ax.set_yticklabels([f"{t:g}" for t in ticks])
+    return ax

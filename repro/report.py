@@ -326,3 +326,33 @@ def long_run_table(runs: dict, at=(100, 1000, 3000)):
 
 def _edit_or_none(edit: int):
     return int(edit) if edit > 0 else None
+
+
+def norm_growth_frame(runs: dict):
+    """Per run (rows labelled by editor): edits, batch size, edited layers and matrix type, mean ‖W‖
+    of the edited matrices before and after, the growth (after over before), the largest per-layer
+    ratio, the share of measured steps after which the mean edited norm rose, the largest unedited
+    matrix of that type at the end, and efficacy right after each edit and after the sequence.
+    A pandas DataFrame (the book shows it as an HTML table)."""
+    import json
+
+    import pandas as pd
+
+    rows = []
+    for ds, _ in runs.values():
+        en = edited_norms(ds)
+        mtype = str(en["edited"].values[0]).split(":")[1]
+        unedited = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0)
+        mean = en.mean("edited").values
+        vals = en.transpose("step", ...).values
+        params = json.loads(ds.attrs.get("params", "{}"))
+        rows.append({
+            "editor": display_name(str(ds.attrs.get("editor"))), "edits": int(ds.sizes["edit"]),
+            "batch": int(params.get("batch_size", 1)),
+            "layers": ",".join(str(x).split(":")[0] for x in en["edited"].values),
+            "‖W‖ before": float(mean[0]), "‖W‖ after": float(mean[-1]), "growth": float(mean[-1] / mean[0]),
+            "largest layer ratio": float((vals[-1] / vals[0]).max()), "rises": float((np.diff(mean) > 0).mean()),
+            "largest unedited": float(unedited.isel(step=-1).max()),
+            "ES right after": float(ds["efficacy"].mean()), "ES at the end": float(ds["efficacy_final"].mean()),
+        })
+    return pd.DataFrame(rows).set_index("editor")

@@ -316,3 +316,24 @@ def test_a_blown_up_fine_tuning_is_recorded_not_written_as_success(tmp_path, tin
     assert ds.attrs["stop_reason"] == "collapsed" and int(ds["collapse_edit"]) == 1
     assert ds.sizes["edit"] == 2 and ds["collapsed"].values.tolist() == [1, 1]
     assert "1000x its unedited norm" in ds.attrs["collapse_rule"]
+
+
+def test_f2_overview_and_f3_layer_ratios_draw_the_files_values():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from repro.plots import plot_layer_ratios, plot_norm_growth_overview
+    from repro.report import norm_growth_frame
+
+    runs = {"a": _long_file("rome", 10, 10, 1.5), "b": _long_file("memit", 10, 10, 1.1)}
+    for ds, _ in runs.values():
+        ds["efficacy"] = ("edit", np.ones(10))
+        ds["efficacy_final"] = ("edit", np.ones(10))
+    axes = plot_norm_growth_overview(runs, zoom=(9, 13))
+    rome = next(l for l in axes[0].lines if l.get_label() == "ROME")
+    assert rome.get_ydata()[-1] == pytest.approx(15.0) and axes[1].get_ylim() == (9, 13)
+    ax = plot_layer_ratios(runs)
+    heat = ax.images[0].get_array()
+    assert heat[0, 0] == pytest.approx(1.5) and heat[1, 0] == pytest.approx(1.1) and heat[0, 1] == pytest.approx(1.0)
+    table = norm_growth_frame(runs)
+    assert table.loc["ROME", "growth"] == pytest.approx(1.5) and table.loc["MEMIT", "rises"] == 1.0
