@@ -240,7 +240,7 @@ def plot_long_norm_growth(runs: dict, ax=None):
     held."""
     from .report import crossing_edit
 
-    ax = ax or plt.subplots(figsize=(7, 4.2))[1]
+    ax = ax or plt.subplots(figsize=(7.2, 3.8))[1]
     colors = editor_colors(runs)
     ceiling = []
     for ds, _ in runs.values():
@@ -277,7 +277,7 @@ def plot_long_norm_growth(runs: dict, ax=None):
 def plot_probe(runs: dict, ax=None, factor: float | None = None):
     """The collapse probe after every editor call: held-out perplexity over the unedited model's
     (log axes), one colour per editor; the collapse threshold as a dotted line."""
-    ax = ax or plt.subplots(figsize=(7, 3.6))[1]
+    ax = ax or plt.subplots(figsize=(7.2, 3.4))[1]
     colors = editor_colors(runs)
     for ds, _ in runs.values():
         if "probe_ppl" not in ds:

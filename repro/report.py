@@ -288,7 +288,7 @@ def run_status(ds: xr.Dataset) -> str:
 
 
 def long_run_table(runs: dict, at=(100, 1000, 3000)):
-    """One row per run: editor, batch size, edits done of those planned, status, median editor
+    """One row per run (labelled by editor and batch size): edits done of those planned, status, median editor
     seconds per fact, growth of the edited matrices (:func:`growth_at`) after each count of ``at``
     and at the last measured step, the first edit after which an edited matrix passes the largest
     unedited one of its type (:func:`crossing_edit`), the first edit where the collapse rule held,
@@ -303,25 +303,24 @@ def long_run_table(runs: dict, at=(100, 1000, 3000)):
         probe = ds["probe_ppl"] if "probe_ppl" in ds else None
         collapse = int(ds["collapse_edit"]) if "collapse_edit" in ds else -1
         last_step = int(ds["step"].values[-1])
+        batch = int(params.get("batch_size", 1))
         row = {
-            "run": rid,
-            "editor": display_name(str(ds.attrs.get("editor"))),
-            "batch": int(params.get("batch_size", 1)),
-            "edits": f"{int(ds.sizes['edit']):,} of {int(params['n_edits']):,}",
+            "run": display_name(str(ds.attrs.get("editor"))) + (f", batches of {batch}" if batch > 1 else ""),
+            "edits": f"{int(ds.sizes['edit']):,}/{int(params['n_edits']):,}",
             "status": run_status(ds),
             "s/edit": float(np.nanmedian(ds["edit_seconds"].values)),
         }
         for k in at:
             row[f"growth @{k:,}"] = growth_at(ds, k)
-        row["growth @last"] = growth_at(ds, last_step)
-        row["passes unedited at"] = _edit_or_none(crossing_edit(ds))
-        row["collapse at"] = _edit_or_none(collapse)
-        row["probe ppl / unedited"] = (float(probe.values[-1]) / float(probe.attrs["unedited"])
+        row["growth now"] = growth_at(ds, last_step)
+        row["passes unedited"] = _edit_or_none(crossing_edit(ds))
+        row["collapse"] = _edit_or_none(collapse)
+        row["probe ×"] = (float(probe.values[-1]) / float(probe.attrs["unedited"])
                                        if probe is not None and "unedited" in probe.attrs else float("nan"))
         rows.append(row)
     table = pd.DataFrame(rows).set_index("run")
     # edit counts stay integers, "never" is a missing value
-    return table.astype({"passes unedited at": "Int64", "collapse at": "Int64"})
+    return table.astype({"passes unedited": "Int64", "collapse": "Int64"})
 
 
 def _edit_or_none(edit: int):

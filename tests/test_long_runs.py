@@ -283,15 +283,15 @@ def test_long_run_table_reads_growth_crossing_and_status_from_the_files():
     assert growth_at(runs["a"][0], 1000) == pytest.approx(4.0)
     assert np.isnan(growth_at(runs["a"][0], 3000))  # not reached yet
     table = long_run_table(runs)
-    a, b = table.loc["a"], table.loc["b"]
-    assert a["status"] == "in progress" and a["edits"] == "1,000 of 3,000" and b["status"] == "completed"
+    a, b = table.loc["ROME"], table.loc["MEMIT, batches of 10"]
+    assert a["status"] == "in progress" and a["edits"] == "1,000/3,000" and b["status"] == "completed"
     assert a["growth @1,000"] == pytest.approx(4.0) and np.isnan(a["growth @3,000"])
-    assert b["growth @3,000"] == pytest.approx(1.1) and b["growth @last"] == pytest.approx(1.1)
+    assert b["growth @3,000"] == pytest.approx(1.1) and b["growth now"] == pytest.approx(1.1)
     # 10 * 4**(k/1000) > 12 first at k = 132 (log(1.2)/log(4) = 0.1315); memit's 11 never passes 12
-    assert a["passes unedited at"] == 132 and b["passes unedited at"] is pd.NA
-    assert a["collapse at"] is pd.NA and str(table["collapse at"].dtype) == "Int64"
-    assert a["probe ppl / unedited"] == pytest.approx(10.0) and b["probe ppl / unedited"] == pytest.approx(1.0)
-    assert a["s/edit"] == pytest.approx(2.5) and b["batch"] == 10
+    assert a["passes unedited"] == 132 and b["passes unedited"] is pd.NA
+    assert a["collapse"] is pd.NA and str(table["collapse"].dtype) == "Int64"
+    assert a["probe ×"] == pytest.approx(10.0) and b["probe ×"] == pytest.approx(1.0)
+    assert a["s/edit"] == pytest.approx(2.5)
 
 
 def test_probe_figure_draws_ratios_and_the_threshold():
