@@ -21,7 +21,7 @@ from .data.counterfact import Record, load_records, to_request
 from .editors import make_editor
 from .experiment import SPLITS, select_records
 from .measure.rewrite import harmonic_mean, record_scores
-from .models import load_model
+from .models import copy_weights, load_model, put_weights
 from .paths import from_root
 
 
@@ -60,7 +60,7 @@ def run_efficacy(params: EfficacyParams, overwrite: bool = False, progress: bool
                                            params.seed, params.split)
     editor = make_editor(params.editor, lm, **params.hparams)
     matrices = editor.edited_matrices()
-    originals = [lm.spec.weight(lm.model, l, m).detach().clone() for l, m in matrices]
+    originals = copy_weights(lm, matrices)
     state_file = store.state_path(output)
     state = {"params": pdict, "rows": [], "elapsed": 0.0}
     saved = store.load_state(state_file)
@@ -83,9 +83,7 @@ def run_efficacy(params: EfficacyParams, overwrite: bool = False, progress: bool
                               "v_steps": float(info.get("v_steps", info.get("steps", np.nan))),
                               "delta_norm": float(np.sqrt(sum(float(d.double().pow(2).sum())
                                                               for d in result.deltas.values())))})
-        with torch.no_grad():
-            for (l, m), w in zip(matrices, originals):
-                lm.spec.weight(lm.model, l, m).copy_(w)
+        put_weights(lm, matrices, originals)
         bar.update()
         if len(state["rows"]) % params.save_every == 0:
             state["elapsed"] = time.perf_counter() - t0

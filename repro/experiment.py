@@ -33,7 +33,7 @@ from .editors import make_editor
 from .measure.collapse import NONFINITE, CollapseParams, CollapseProbe, collapsed_for, first_collapse
 from .measure.norms import weight_norms
 from .measure.rewrite import compare_targets, prefers_new
-from .models import DTYPES, LoadedModel, load_model
+from .models import DTYPES, LoadedModel, copy_weights, load_model, put_weights
 from .paths import from_root
 
 log = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
     probe = CollapseProbe(lm, load_text("test"), edited, CollapseParams(**params.collapse))
 
     # the unedited weights: the freshly loaded model's (also when resuming: they are not saved)
-    weights0 = [weight(l, m).detach().cpu().clone() for l, m in edited]
+    weights0 = copy_weights(lm, edited, cpu=True)
     state = {"params": pdict, "done": 0, "rows": [], "norm_steps": [], "norms": [], "drift": [],
              "elapsed": 0.0, "measures": [], "measure_seconds": 0.0, "weights0": weights0}
     saved = store.load_state(state_file)  # a damaged file is moved aside: the run starts over
@@ -196,9 +196,7 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
         if same_params(saved["params"], pdict):
             state = saved
             state.setdefault("weights0", weights0)
-            with torch.no_grad():
-                for (layer, mtype), w in zip(edited, saved["weights"]):
-                    weight(layer, mtype).copy_(w.to(lm.device))
+            put_weights(lm, edited, saved["weights"])
             editor.load_state_dict(saved["editor"])
             log.info("resuming %s after %d edits", output.name, state["done"])
         else:
@@ -221,13 +219,11 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
         held_out = held_out_records(all_records, records, mp.n_recall, params.seed, params.split)
         measurer = Measurer(lm, records, held_out, edited, mp, seed=params.seed)
         # the reference (unedited) activations: swap the original weights in while taking them
-        current = [weight(l, m).detach().clone() for l, m in edited]
+        current = copy_weights(lm, edited)
+        put_weights(lm, edited, state["weights0"])
         with torch.no_grad():
-            for (l, m), w in zip(edited, state["weights0"]):
-                weight(l, m).copy_(w.to(lm.device))
             measurer.set_reference()
-            for (l, m), w in zip(edited, current):
-                weight(l, m).copy_(w)
+        put_weights(lm, edited, current)
 
     def measure_now():
         t = time.perf_counter()
@@ -236,7 +232,7 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
 
     def checkpoint():
         state["elapsed"] = time.perf_counter() - t0
-        state["weights"] = [weight(l, m).detach().cpu().clone() for l, m in edited]
+        state["weights"] = copy_weights(lm, edited, cpu=True)
         state["editor"] = editor.state_dict()
         # the unedited weights are those of the loaded model: not saved (smaller state files)
         store.save_state(state_file, {k: v for k, v in state.items() if k != "weights0"})

@@ -5,14 +5,13 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 import xarray as xr
 from tqdm import tqdm
 
 from .data.counterfact import Record, to_request
 from .editors import make_editor
 from .measure.rewrite import harmonic_mean, record_scores
-from .models import LoadedModel
+from .models import LoadedModel, copy_weights, put_weights
 
 
 def sweep_layers(
@@ -26,16 +25,15 @@ def sweep_layers(
     bar = tqdm(total=shape[0] * shape[1], desc="layer sweep", disable=not progress)
     for i, layer in enumerate(layers):
         ed = make_editor(editor, lm, **{**(hparams or {}), "layer": layer})
-        (_, mtype), = ed.edited_matrices()
-        w0 = lm.spec.weight(lm.model, layer, mtype).detach().clone()
+        matrices = ed.edited_matrices()
+        w0 = copy_weights(lm, matrices)
         for j, rec in enumerate(records):
             t = time.perf_counter()
             ed.apply([to_request(rec)])
             secs[i, j] = time.perf_counter() - t
             s = record_scores(lm, [rec])
             es[i, j], ps[i, j], ns[i, j] = s["es"][0], s["ps"][0], s["ns"][0]
-            with torch.no_grad():
-                lm.spec.weight(lm.model, layer, mtype).copy_(w0)
+            put_weights(lm, matrices, w0)
             bar.update()
     bar.close()
     ds = xr.Dataset(

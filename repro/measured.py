@@ -10,14 +10,13 @@ import json
 
 import matplotlib.pyplot as plt
 import numpy as np
-import seaborn as sns
 import xarray as xr
+from matplotlib.colors import to_rgb
 
+from .editors.registry import REGISTRY, editor_spec
 from .measure.rewrite import harmonic_mean
 from .report import display_name, edited_norms, growth_at, profile_runs
 from .store import run_params
-
-EDITOR_ORDER = ("rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "ft-l", "ft-m", "lora", "mend")
 
 
 def measured_runs(profile: str = "default", length: str = "short",
@@ -31,10 +30,11 @@ def measured_runs(profile: str = "default", length: str = "short",
 
 
 def editor_colors(runs: dict) -> dict[str, tuple]:
-    pal = sns.color_palette("tab10", n_colors=len(EDITOR_ORDER))
-    return {name: pal[i] for i, name in enumerate(EDITOR_ORDER)} | {
-        str(ds.attrs.get("editor")): pal[-1] for ds, _ in runs.values()
-        if str(ds.attrs.get("editor")) not in EDITOR_ORDER}
+    """{editor: RGB} of every registered editor (repro.editors.registry); a run made by an editor
+    the registry does not know is an error, never a borrowed colour."""
+    for ds, _ in runs.values():
+        editor_spec(str(ds.attrs.get("editor")))
+    return {key: to_rgb(spec.color) for key, spec in REGISTRY.items()}
 
 
 def _label(ds: xr.Dataset) -> str:

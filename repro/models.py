@@ -285,6 +285,23 @@ class LoadedModel:
         return self.spec.n_layers(self.model)
 
 
+def copy_weights(lm: LoadedModel, matrices, cpu: bool = False) -> list[torch.Tensor]:
+    """Detached copies of the (out, in) weights of ``matrices`` ((layer, matrix type) pairs), on
+    the CPU with ``cpu``; :func:`put_weights` puts them back."""
+    out = []
+    for layer, mtype in matrices:
+        w = lm.spec.weight(lm.model, layer, mtype).detach()
+        out.append((w.cpu() if cpu else w).clone())
+    return out
+
+
+@torch.no_grad()
+def put_weights(lm: LoadedModel, matrices, weights) -> None:
+    """Copy ``weights`` (as from :func:`copy_weights`, any device) into ``matrices`` in place."""
+    for (layer, mtype), w in zip(matrices, weights, strict=True):
+        lm.spec.weight(lm.model, layer, mtype).copy_(w.to(lm.device))
+
+
 def _dequantize_to_cache(name: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

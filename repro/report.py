@@ -91,14 +91,12 @@ def provenance_lines(ds: xr.Dataset, path) -> str:
     ])
 
 
-EDITOR_NAMES = {
-    "rome": "ROME", "r-rome": "r-ROME", "memit": "MEMIT", "emmet": "EMMET", "alphaedit": "AlphaEdit",
-    "encore": "ENCORE", "ft-l": "FT-L", "ft-m": "FT-M", "lora": "LoRA", "mend": "MEND",
-}
-
-
 def display_name(editor: str) -> str:
-    return EDITOR_NAMES.get(editor, editor)
+    """The editor's name in tables and legends, from the editor registry; an unknown editor is an
+    error. (Imported on first use: the registry loads the editors, torch included.)"""
+    from .editors.registry import display_name as registered
+
+    return registered(editor)
 
 
 LONG = 1000  # a sequential run planned for at least this many edits is a long run

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from repro.data import load_records, load_text
+from repro.data import load_records
 from repro.data.tasks import Example, FewShotTask, load_task, parse_task, save_task, split_balanced, task_names
 from repro.measure import downstream as ds
+from repro.measure.checkpoint import MeasureParams
 from repro.models import LoadedModel
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,22 +221,11 @@ def test_fact_recall(tiny_lm, monkeypatch) -> None:
     assert got["recall"] == pytest.approx(2 / 3) and got["true_nll"] == pytest.approx(4 / 3)
 
 
-def test_downstream_scores_keys(tiny_lm) -> None:
-    records = load_records(REPO / "data" / "facts" / "smollm2-135m.json")[:4]
-    got = ds.downstream_scores(tiny_lm, [_task()], records, load_text("test")[:3], n_test=2, ppl_tokens=64, ppl_ctx=32)
-    for key in ("toy_acc", "toy_f1", "toy_acc_raw", "toy_f1_raw", "toy_chance", "task_mean_acc", "task_mean_chance",
-                "recall", "recall_true_nll", "ppl", "ppl_nll", "seconds"):
-        assert isinstance(got[key], float) and math.isfinite(got[key]), key
-    assert got["ppl"] == pytest.approx(math.exp(got["ppl_nll"]))
-    assert got["toy_chance"] == 0.5
-    assert set(ds.downstream_scores(tiny_lm, [], [], [])) == {"seconds"}
-
-
 # ---------------------------------------------------------------------------------------------
 # task files
 # ---------------------------------------------------------------------------------------------
 def test_committed_tasks_parse_and_are_sound() -> None:
-    assert set(ds.DEFAULT_TASKS) <= set(task_names())
+    assert set(MeasureParams().tasks) <= set(task_names())  # the tasks runs measure exist
     for name in task_names():
         task = load_task(name)
         assert task.name == name

@@ -5,7 +5,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTJConfig, LlamaConfig
 
-from repro.models import PACKAGED, SPECS, load_model, resolve_device, spec_for
+from repro.models import (
+    PACKAGED, SPECS, LoadedModel, copy_weights, load_model, put_weights, resolve_device, spec_for,
+)
 
 
 def tiny_configs():
@@ -63,6 +65,25 @@ def test_weight_view_shares_storage(tiny):
     after = module(x)
     assert torch.allclose(after[..., 0] - before[..., 0], x[..., 0], atol=1e-5)
     assert torch.allclose(after[..., 1:], before[..., 1:])
+
+
+def test_weights_copied_out_and_put_back(tiny):
+    """copy_weights takes detached copies of (out, in) views (also of GPT-2's transposed Conv1D);
+    put_weights restores them in place, leaving every other weight alone."""
+    _, model = tiny
+    spec = spec_for(model)
+    lm = LoadedModel(name="tiny", model=model, tokenizer=None, spec=spec, device=torch.device("cpu"))
+    matrices = [(0, spec.mlp_out), (2, spec.attn_out)]
+    before = {n: t.clone() for n, t in model.state_dict().items()}
+    saved, on_cpu = copy_weights(lm, matrices), copy_weights(lm, matrices, cpu=True)
+    with torch.no_grad():
+        for layer, mtype in matrices:
+            spec.weight(model, layer, mtype).mul_(2.0)
+    assert all(torch.equal(a, spec.weight(model, l, m) / 2.0) for (l, m), a in zip(matrices, saved))
+    put_weights(lm, matrices, on_cpu)
+    assert all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    with pytest.raises(ValueError):  # one weight per matrix
+        put_weights(lm, matrices, saved[:1])
 
 
 def test_logits_from_base_match_full_forward(tiny):

@@ -1,25 +1,22 @@
-"""Knowledge editors behind one interface: ``make_editor(name, lm, **overrides).apply(requests)``."""
+"""Knowledge editors behind one interface: ``make_editor(name, lm, **overrides).apply(requests)``.
+
+The editors, their hyperparameter files, display names, order and figure colours are listed once,
+in :mod:`repro.editors.registry`.
+"""
 from __future__ import annotations
 
 from ..models import LoadedModel
 from .base import Editor, EditResult, load_hparams
-from .finetune import FTL, FTM
-from .lora import LoRAEditor
-from .memit import EMMET, ENCORE, MEMIT, AlphaEdit
-from .mend import MEND  # never import .mend_train here: it imports this package
-from .rome import ROME, RROME
+from .registry import REGISTRY, EditorSpec, display_name, editor_color, editor_spec
 
-EDITORS: dict[str, type[Editor]] = {
-    "rome": ROME, "r-rome": RROME, "memit": MEMIT, "emmet": EMMET, "alphaedit": AlphaEdit, "encore": ENCORE,
-    "ft-l": FTL, "ft-m": FTM, "lora": LoRAEditor, "mend": MEND,
-}
+# key -> editor class, in the study's order
+EDITORS: dict[str, type[Editor]] = {key: spec.cls for key, spec in REGISTRY.items()}
 
 
 def make_editor(name: str, lm: LoadedModel, **overrides) -> Editor:
-    """An editor by name, with hyperparameters for ``lm`` from ``hparams/<name>.yaml`` + overrides."""
-    if name not in EDITORS:
-        raise ValueError(f"unknown editor {name!r}; known: {', '.join(sorted(EDITORS))}")
-    return EDITORS[name].from_name(lm, **overrides)
+    """An editor by name, with hyperparameters for ``lm`` from its registered YAML file + overrides."""
+    return editor_spec(name).cls.from_name(lm, **overrides)
 
 
-__all__ = ["EDITORS", "Editor", "EditResult", "load_hparams", "make_editor"]
+__all__ = ["EDITORS", "REGISTRY", "Editor", "EditResult", "EditorSpec", "display_name", "editor_color",
+           "editor_spec", "load_hparams", "make_editor"]

@@ -46,11 +46,19 @@ class Editor(ABC):
     editor object, never in module globals.
     """
 
-    name: str = ""
+    name: str = ""  # the editor's key in the registry (repro.editors.registry)
+    hparams_class: type = object  # the dataclass of its hyperparameters
 
     def __init__(self, lm: LoadedModel, hparams):
         self.lm = lm
         self.hp = hparams
+
+    @classmethod
+    def from_name(cls, lm: LoadedModel, **overrides) -> "Editor":
+        """This editor for ``lm`` with hyperparameters from its registered YAML file + overrides."""
+        from .registry import editor_spec  # the registry imports every editor module
+
+        return cls(lm, load_hparams(cls.hparams_class, editor_spec(cls.name).hparams_file, lm, overrides))
 
     @abstractmethod
     def apply(self, requests: list[Request]) -> EditResult:

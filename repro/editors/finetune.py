@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..models import LoadedModel
-from .base import Editor, EditResult, Request, load_hparams, refuse_fp16_training
+from .base import Editor, EditResult, Request, refuse_fp16_training
 from .locate import PromptBatch, encode_rows, logits_at
 
 OBJECTIVES = ("prompt_last", "teacher_forced")
@@ -151,6 +151,7 @@ class FTM(Editor):
     """Fine-tune one MLP output matrix on the teacher-forced NLL of the new object (FT-M)."""
 
     name = "ft-m"
+    hparams_class = FTHyperParams
     objective = "teacher_forced"
 
     def __init__(self, lm: LoadedModel, hparams: FTHyperParams):
@@ -161,10 +162,6 @@ class FTM(Editor):
             raise ValueError(f"layer {hparams.layer} outside 0..{lm.n_layers - 1} for {lm.name}")
         if hparams.norm_constraint is not None and hparams.norm_constraint <= 0:
             raise ValueError(f"norm_constraint must be positive or None, not {hparams.norm_constraint}")
-
-    @classmethod
-    def from_name(cls, lm: LoadedModel, **overrides) -> "FTM":
-        return cls(lm, load_hparams(FTHyperParams, cls.name, lm, overrides))
 
     def edited_matrices(self) -> list[tuple[int, str]]:
         return [(self.hp.layer, self.mtype)]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..models import LoadedModel
-from .base import Editor, EditResult, Request, load_hparams, refuse_fp16_training
+from .base import Editor, EditResult, Request, refuse_fp16_training
 from .finetune import edit_batch, only_trainable, request_info, train_on_edits
 
 ADAPTER = "edit"
@@ -40,6 +40,7 @@ class LoRAHyperParams:
 
 class LoRAEditor(Editor):
     name = "lora"
+    hparams_class = LoRAHyperParams
 
     def __init__(self, lm: LoadedModel, hparams: LoRAHyperParams):
         super().__init__(lm, hparams)
@@ -53,10 +54,6 @@ class LoRAEditor(Editor):
         self.calls = 0  # the adapter init of call i uses seed + i
         # (A, B, scaling) of the last call's adapters by "layer:mtype", captured before merging
         self.last_factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-
-    @classmethod
-    def from_name(cls, lm: LoadedModel, **overrides) -> "LoRAEditor":
-        return cls(lm, load_hparams(LoRAHyperParams, "lora", lm, overrides))
 
     def edited_matrices(self) -> list[tuple[int, str]]:
         return [(l, self.mtype) for l in self.hp.layers]

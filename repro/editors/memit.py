@@ -28,7 +28,7 @@ import torch
 from ..hooks import StopForward, capture
 from ..models import LoadedModel, get_module
 from ..stats import second_moments
-from .base import Editor, EditResult, Request, load_hparams
+from .base import Editor, EditResult, Request
 from .linalg import alphaedit_update, emmet_update, memit_update, null_space_projector, threshold_from_spectrum
 from .locate import ValueRequest, ValueResult, context_templates, encode_rows, fill, optimize_values, subject_keys
 
@@ -98,10 +98,6 @@ class MEMIT(Editor):
         self._C: dict[int, torch.Tensor] | None = None
         self._templates: list[str] | None = None
         self.prev_keys: dict[int, torch.Tensor] = {}
-
-    @classmethod
-    def from_name(cls, lm: LoadedModel, **overrides) -> "MEMIT":
-        return cls(lm, load_hparams(cls.hparams_class, cls.name, lm, overrides))
 
     def edited_matrices(self) -> list[tuple[int, str]]:
         return [(l, self.mtype) for l in self.layers]

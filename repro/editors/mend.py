@@ -34,7 +34,7 @@ from torch import nn
 
 from ..models import LoadedModel
 from ..paths import from_root
-from .base import Editor, EditResult, Request, load_hparams
+from .base import Editor, EditResult, Request
 from .locate import PromptBatch, encode_rows, logits_at
 
 NOTEBOOK = "notebooks/train_mend.ipynb"
@@ -311,6 +311,7 @@ class MEND(Editor):
     are pooled token by token, as in MEND's batched edits)."""
 
     name = "mend"
+    hparams_class = MENDHyperParams
 
     def __init__(self, lm: LoadedModel, hparams: MENDHyperParams, net: MENDNet | None = None):
         super().__init__(lm, hparams)
@@ -320,10 +321,6 @@ class MEND(Editor):
         if set(net.keys) != {matrix_key(l, m) for l, m in self.matrices}:
             raise ValueError(f"network edits {net.keys}, hyperparameters say {self.matrices}")
         self.net = net.eval().requires_grad_(False)
-
-    @classmethod
-    def from_name(cls, lm: LoadedModel, **overrides) -> "MEND":
-        return cls(lm, load_hparams(MENDHyperParams, "mend", lm, overrides))
 
     def edited_matrices(self) -> list[tuple[int, str]]:
         return list(self.matrices)

@@ -37,7 +37,7 @@ from .. import store
 from ..data.counterfact import Record, load_records, to_request
 from ..experiment import split_of
 from ..measure.rewrite import record_scores
-from ..models import LoadedModel, load_model
+from ..models import LoadedModel, copy_weights, load_model, put_weights
 from ..paths import from_root
 from .base import load_hparams
 from .locate import PromptBatch, encode_rows
@@ -247,23 +247,18 @@ def validate(lm: LoadedModel, net: MENDNet, matrices, records: list[Record], cfg
 def edit_efficacy(lm: LoadedModel, editor: MEND, records: list[Record], progress: bool = False) -> dict[str, np.ndarray]:
     """CounterFact scores (es, ps, ns per record) of single edits made in place by ``editor``,
     each on the weights as they were before it (restored after every edit)."""
-    saved = {(l, m): lm.spec.weight(lm.model, l, m).detach().clone() for l, m in editor.edited_matrices()}
+    matrices = editor.edited_matrices()
+    saved = copy_weights(lm, matrices)
     scores = {"es": [], "ps": [], "ns": []}
     try:
         for rec in tqdm(records, desc="MEND single edits", disable=not progress):
             editor.apply([to_request(rec)])
             for key, val in record_scores(lm, [rec]).items():
                 scores[key].append(val[0])
-            _restore(lm, saved)
+            put_weights(lm, matrices, saved)
     finally:
-        _restore(lm, saved)
+        put_weights(lm, matrices, saved)
     return {k: np.array(v) for k, v in scores.items()}
-
-
-def _restore(lm, saved):
-    with torch.no_grad():
-        for (l, m), w in saved.items():
-            lm.spec.weight(lm.model, l, m).copy_(w)
 
 
 # --------------------------------------------------------------------------------------------

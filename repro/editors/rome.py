@@ -17,7 +17,7 @@ import torch
 
 from ..models import LoadedModel
 from ..stats import second_moment
-from .base import Editor, EditResult, Request, load_hparams
+from .base import Editor, EditResult, Request
 from .linalg import rank_one_update, solve_psd
 from .locate import context_templates, optimize_value, subject_keys
 
@@ -45,6 +45,7 @@ class ROMEHyperParams:
 
 class ROME(Editor):
     name = "rome"
+    hparams_class = ROMEHyperParams
     average_key_in_update = False
 
     def __init__(self, lm: LoadedModel, hparams: ROMEHyperParams):
@@ -54,10 +55,6 @@ class ROME(Editor):
             raise ValueError(f"layer {hparams.layer} outside 0..{lm.n_layers - 1} for {lm.name}")
         self._C: torch.Tensor | None = None
         self._templates: list[str] | None = None
-
-    @classmethod
-    def from_name(cls, lm: LoadedModel, **overrides) -> "ROME":
-        return cls(lm, load_hparams(ROMEHyperParams, "rome", lm, overrides))
 
     def edited_matrices(self) -> list[tuple[int, str]]:
         return [(self.hp.layer, self.mtype)]
@@ -126,7 +123,3 @@ class ROME(Editor):
 class RROME(ROME):
     name = "r-rome"
     average_key_in_update = True
-
-    @classmethod
-    def from_name(cls, lm: LoadedModel, **overrides) -> "RROME":
-        return cls(lm, load_hparams(ROMEHyperParams, "rome", lm, overrides))

@@ -147,10 +147,6 @@ class Activations:
         entry = self.matrices.get((layer, mtype))
         return None if entry is None else entry[side]
 
-    def nbytes(self) -> int:
-        tensors = list(self.streams.values()) + [t for e in self.matrices.values() for t in e.values()]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
 
 def _encode(lm: LoadedModel, texts: Sequence[str], max_length: int) -> list[list[int]]:
     tok = lm.tokenizer

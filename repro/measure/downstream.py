@@ -36,37 +36,21 @@ from __future__ import annotations
 
 import copy
 import logging
-import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..data.tasks import FewShotTask
-from ..data.tasks import load_task as _load_task
 from ..models import LoadedModel
 from .rewrite import compare_targets
 
 log = logging.getLogger(__name__)
 
-# Defaults of one checkpoint measurement (see downstream_scores). On SmolLM2-135M at 2 CPU threads
-# a call with these sizes and 50 recall facts is estimated at about 22 s (sentiment 100 examples
-# ~7 s, news_topic 100 ~9 s, recall ~3 s, perplexity 2,048 tokens ~3 s): timed on a machine shared
-# with other jobs (about 10x slower) and scaled by a reference forward pass; an estimate.
-DEFAULT_TASKS = ("sentiment", "news_topic")
-N_TEST = 100
+# Default perplexity sizes: held-out tokens and window length (repro.measure.checkpoint's
+# MeasureParams sets those of a run's checkpoints).
 PPL_TOKENS = 2048
 PPL_CTX = 256
-
-
-def load_task(name_or_path: str | Path) -> FewShotTask:
-    """A validated few-shot task: a name of ``data/tasks`` (``sentiment``, ``news_topic``) or a path."""
-    return _load_task(name_or_path)
-
-
-def load_tasks(names: Sequence[str] = DEFAULT_TASKS) -> list[FewShotTask]:
-    return [load_task(n) for n in names]
 
 
 # --------------------------------------------------------------------------------------------
@@ -345,48 +329,3 @@ def perplexity(
     """Token-weighted perplexity exp(Σ NLL / N) over the windows of :func:`text_chunks`."""
     total, count = token_nll(lm, text_chunks(lm.tokenizer, texts, max_tokens, ctx), batch_size)
     return float(np.exp(total / count))
-
-
-# --------------------------------------------------------------------------------------------
-# One checkpoint
-# --------------------------------------------------------------------------------------------
-def downstream_scores(
-    lm: LoadedModel,
-    tasks: Sequence[FewShotTask],
-    recall_records: Sequence,
-    ppl_texts: Sequence[str],
-    n_test: int | None = N_TEST,
-    ppl_tokens: int = PPL_TOKENS,
-    ppl_ctx: int = PPL_CTX,
-    batch_size: int = 32,
-) -> dict[str, float]:
-    """Everything downstream at one checkpoint, as flat floats:
-
-    ``<task>_acc``, ``<task>_f1`` (batch-calibrated), ``<task>_acc_raw``, ``<task>_f1_raw``
-    (plain argmax) and ``<task>_chance`` per task; ``task_mean_acc`` and
-    ``task_mean_chance`` over tasks; ``recall``, ``recall_true_nll`` (see :func:`fact_recall`;
-    skipped when ``recall_records`` is empty); ``ppl`` and ``ppl_nll`` (mean token NLL; skipped
-    when ``ppl_texts`` is empty); and ``seconds``, the wall time of the call.
-    """
-    start = time.perf_counter()
-    out: dict[str, float] = {}
-    accs, chances = [], []
-    for task in tasks:
-        got = few_shot_accuracy(lm, task, n_test, batch_size)
-        out[f"{task.name}_acc"], out[f"{task.name}_f1"] = got["accuracy"], got["macro_f1"]
-        out[f"{task.name}_acc_raw"], out[f"{task.name}_f1_raw"] = got["accuracy_raw"], got["macro_f1_raw"]
-        out[f"{task.name}_chance"] = got["chance"]
-        accs.append(got["accuracy"])
-        chances.append(got["chance"])
-    if tasks:
-        out["task_mean_acc"] = float(np.mean(accs))
-        out["task_mean_chance"] = float(np.mean(chances))
-    if recall_records:
-        got = fact_recall(lm, recall_records)
-        out["recall"], out["recall_true_nll"] = got["recall"], got["true_nll"]
-    if ppl_texts:
-        total, count = token_nll(lm, text_chunks(lm.tokenizer, ppl_texts, ppl_tokens, ppl_ctx))
-        out["ppl_nll"] = total / count
-        out["ppl"] = float(np.exp(out["ppl_nll"]))
-    out["seconds"] = time.perf_counter() - start
-    return out
