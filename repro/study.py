@@ -5,6 +5,9 @@ other values of the declared parameters (stale): those are rerun, replacing the 
 
     python -m repro.study --profile default [--only ID ...] [--force] [--list] [--toc] [--snapshot]
 
+Every selected run's parameters are checked (names, types, ranges: :mod:`repro.params`) before any
+notebook executes; all bad entries are reported at once.
+
 ``--snapshot`` writes, for each run of the profile that is in progress (its resume state exists),
 a view of what it has done so far to ``data/runs/progress/`` without touching the run; the book
 draws unfinished long runs from there, marked as in progress.
@@ -93,11 +96,27 @@ def load_profile(name: str, path: Path | None = None) -> list[Run]:
     return runs
 
 
+def invalid_runs(runs: list[Run]) -> list[str]:
+    """A line per run whose parameters are not valid for its notebook (unknown names, wrong types
+    or ranges); empty when all are. Loads no model."""
+    from .params import check_run
+
+    bad = []
+    for run in runs:
+        try:
+            check_run(run.notebook, run.parameters)
+        except (ValueError, TypeError) as err:
+            bad.append(f"{run.id}: {err}")
+    return bad
+
+
 def execute(run: Run, force: bool = False) -> None:
     import papermill as pm
 
+    from .params import accepts
+
     params = dict(run.parameters)
-    if force:
+    if force and accepts(run.notebook, "overwrite"):  # train_mend always rewrites its outputs
         params["overwrite"] = True
     run.executed.parent.mkdir(parents=True, exist_ok=True)
     tmp = run.executed.with_name(f".{run.executed.name}.tmp.ipynb")
@@ -162,6 +181,13 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             ap.error(f"unknown run ids {sorted(unknown)}")
         runs = [r for r in runs if r.id in args.only]
+    bad = invalid_runs(runs)
+    if bad:
+        print(f"{len(bad)} run(s) of profile {args.profile!r} with invalid parameters (nothing was run):",
+              file=sys.stderr)
+        for line in bad:
+            print(f"  {line}", file=sys.stderr)
+        return 2
     if args.snapshot:
         return snapshot_runs(runs)
     for run in runs:

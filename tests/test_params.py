@@ -1,13 +1,65 @@
-"""Parameters checked before anything loads (repro.params): names, types (papermill strings
-included), ranges from each dataclass's validate()."""
+"""Parameters in one place (repro.params): values checked before anything loads, by the study
+runner for every selected profile entry too, and the committed runs and resume states keep their
+parameters."""
 from __future__ import annotations
 
 import ast
+import dataclasses
+import json
 
 import pytest
 
 from repro import params as P
+from repro import study
 from repro.experiment import SequentialParams
+
+
+@pytest.mark.parametrize("profile", ["default", "smoke"])
+def test_every_profile_entry_is_valid(profile):
+    assert study.invalid_runs(study.load_profile(profile)) == []
+
+
+def _built(run: study.Run):
+    cls, extra = P.params_class(run.notebook)
+    params, _ = P.build(cls, run.parameters, extra)
+    return params.as_dict() if hasattr(params, "as_dict") else dataclasses.asdict(params)
+
+
+def test_committed_runs_keep_their_parameters():
+    """What the notebooks build from each done default run's declared parameters is what its file
+    records (a parameter the file predates at the value study.IMPLICIT says it used; one added later
+    without an entry there, e.g. MEND's n_loc_own, is not compared, as in Run.stale), so no
+    committed file is stale and a rerun would find it as made with its parameters."""
+    from repro.store import read_netcdf, run_params
+
+    norm = lambda v: json.loads(json.dumps(v, sort_keys=True, default=str))  # noqa: E731
+    checked = 0
+    for run in study.load_profile("default"):
+        if not run.output.exists():
+            continue
+        made, built = run_params(read_netcdf(run.output)), norm(_built(run))
+        assert set(made) <= set(built), run.id
+        for key, value in built.items():
+            if key not in made and key not in study.IMPLICIT:
+                continue
+            assert value == norm(made.get(key, study.IMPLICIT.get(key))), (run.id, key, value, made.get(key))
+        checked += 1
+    assert checked >= 20
+
+
+def test_committed_resume_states_still_resume():
+    import torch
+
+    from repro.experiment import same_params
+    from repro.store import state_path
+
+    checked = 0
+    for run in study.load_profile("default"):
+        if state_path(run.output).exists():
+            saved = torch.load(state_path(run.output), weights_only=False, map_location="cpu")["params"]
+            assert same_params(saved, _built(run)), run.id
+            checked += 1
+    assert checked >= 1
 
 
 # ---- checking and coercing values ----------------------------------------------------------------
@@ -74,3 +126,35 @@ def test_the_notebook_namespace_is_checked_misspelt_names_included():
         P.from_notebook(SequentialParams, {**ns, "n_edits": "abc"}, P.Overwrite)
 
 
+def test_the_study_checks_every_entry_before_running_any(tmp_path, monkeypatch, capsys):
+    prof = tmp_path / "s.yaml"
+    prof.write_text(
+        "p:\n"
+        "  - {id: good, notebook: notebooks/sequential_editing.ipynb, parameters: {n_edits: 3, output: a.nc}}\n"
+        "  - {id: bad1, notebook: notebooks/sequential_editing.ipynb, parameters: {n_edits: '2', output: b.nc}}\n"
+        "  - {id: bad2, notebook: notebooks/single_edit_efficacy.ipynb, parameters: {n_facts: 0, output: c.nc}}\n"
+        "  - {id: bad3, notebook: notebooks/train_mend.ipynb, parameters: {steps: 3, overwrite: true, output: d.nc}}\n")
+    monkeypatch.setattr(study, "PROFILES", prof)
+    monkeypatch.setattr(study, "EXECUTED", tmp_path)
+    monkeypatch.setattr(study, "execute", lambda *a, **k: pytest.fail("executed a run before checking all"))
+    assert study.main(["--profile", "p"]) == 2
+    err = capsys.readouterr().err
+    assert "3 run(s)" in err and "good" not in err
+    assert "bad1: SequentialParams: n_edits must be an integer, got '2'" in err
+    assert "bad2: n_facts and save_every must be >= 1" in err
+    assert "bad3: MENDTrainParams: unknown parameter 'overwrite'" in err
+
+
+def test_force_passes_overwrite_only_to_notebooks_that_take_it(monkeypatch, tmp_path):
+    import papermill
+
+    seen = {}
+    monkeypatch.setattr(study, "EXECUTED", tmp_path)
+    monkeypatch.setattr(papermill, "execute_notebook",
+                        lambda src, dst, parameters, **kw: seen.update({src.split("/")[-1]: parameters}))
+    for notebook in ("sequential_editing", "train_mend"):
+        run = study.Run(notebook, f"notebooks/{notebook}.ipynb", {"output": "x.nc"})
+        (tmp_path / f".{notebook}.ipynb.tmp.ipynb").write_text("{}")
+        study.execute(run, force=True)
+    assert seen == {"sequential_editing.ipynb": {"output": "x.nc", "overwrite": True},
+                    "train_mend.ipynb": {"output": "x.nc"}}
