@@ -1,22 +1,91 @@
-"""Parameters in one place (repro.params): values checked before anything loads, by the study
-runner for every selected profile entry too, and the committed runs and resume states keep their
-parameters."""
+"""Parameters in one place: each notebook's parameters cell is its params dataclass (plus the
+notebook-only parameters of repro.params.NOTEBOOKS), the values are checked before anything loads,
+the notebooks nbval re-executes are the smoke profile's instances of notebooks/, and the committed
+runs and resume states keep their parameters."""
 from __future__ import annotations
 
 import ast
 import dataclasses
 import json
+import typing
 
+import nbformat
 import pytest
 
 from repro import params as P
 from repro import study
 from repro.experiment import SequentialParams
+from repro.paths import ROOT
+
+
+def parameters_cell(path) -> dict[str, tuple[ast.expr, object]]:
+    """name -> (annotation, default) of the notebook's papermill ``parameters`` cell."""
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+    assert len(cells) == 1, f"{path}: one cell tagged 'parameters' expected, found {len(cells)}"
+    out = {}
+    for node in ast.parse(cells[0].source).body:
+        assert isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None, \
+            f"{path}: the parameters cell holds only `name: type = value` lines, not {ast.unparse(node)!r}"
+        out[node.target.id] = (node.annotation, ast.literal_eval(node.value))
+    return out
+
+
+@pytest.mark.parametrize("notebook", sorted(P.NOTEBOOKS))
+def test_parameters_cell_is_the_params_dataclass(notebook):
+    cls, extra = P.params_class(notebook)
+    cell = parameters_cell(ROOT / notebook)
+    want = {**P.defaults(cls), **P.defaults(extra)}
+    assert list(cell) == list(want), (f"{notebook}: parameters {sorted(set(cell) ^ set(want))} differ from "
+                                      f"{cls.__name__} + {extra.__name__}")
+    hints = {**typing.get_type_hints(cls), **typing.get_type_hints(extra)}
+    for name, (annotation, default) in cell.items():
+        assert default == want[name] and type(default) is type(want[name]), \
+            f"{notebook}: {name} defaults to {default!r} in the notebook, {want[name]!r} in {cls.__name__}"
+        assert eval(ast.unparse(annotation)) == hints[name], f"{notebook}: {name} is annotated differently"
+
+
+def test_notebook_only_parameters_are_few():
+    extras = {extra for _, extra in P.NOTEBOOKS.values()}
+    assert sum(len(dataclasses.fields(e)) for e in extras) <= 2
+    for notebook in P.NOTEBOOKS:  # never a dataclass field under another role
+        cls, extra = P.params_class(notebook)
+        assert not {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(extra)}
+
+
+def test_notebooks_are_templates_without_outputs():
+    for notebook in P.NOTEBOOKS:
+        nb = nbformat.read(ROOT / notebook, as_version=4)
+        assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), \
+            f"{notebook} carries outputs: executed instances live in tests/notebooks/ and book/runs/"
+
+
+def test_nbval_instances_are_the_smoke_profile_of_the_current_notebooks():
+    runs = study.nbval_runs(study.load_profile("smoke"))
+    assert {r.notebook for r in runs} == set(P.NOTEBOOKS), "every notebook needs a smoke run"
+    assert {p.name for p in study.NBVAL.glob("*.ipynb")} == {study.nbval_path(r).name for r in runs}
+    for run in runs:
+        want = study.nbval_instance(run)
+        have = nbformat.read(study.nbval_path(run), as_version=4)
+        hint = f"{study.nbval_path(run).name} is out of date: python -m repro.study --profile smoke --nbval"
+        assert [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in have.cells] == \
+               [(c.cell_type, c.source, c.metadata.get("tags", [])) for c in want.cells], hint
+        code = [c for c in have.cells if c.cell_type == "code" and "injected-parameters" not in c.metadata.tags]
+        assert all(c.execution_count is not None for c in code), f"{hint} (not executed)"
+        assert any(c.outputs for c in code if "nbval-ignore-output" not in c.metadata.get("tags", [])) \
+            or all("nbval-ignore-output" in c.metadata.get("tags", []) for c in code[1:]), hint
 
 
 @pytest.mark.parametrize("profile", ["default", "smoke"])
 def test_every_profile_entry_is_valid(profile):
     assert study.invalid_runs(study.load_profile(profile)) == []
+
+
+def test_smoke_settings_live_in_the_smoke_profile_only():
+    seq = P.defaults(SequentialParams)
+    assert seq["n_edits"] >= 100 and seq["hparams"] == {}
+    smoke = {r.id: r.parameters for r in study.load_profile("smoke")}
+    assert smoke["smoke_rome"]["n_edits"] < 10 and smoke["smoke_rome"]["hparams"]["stats_tokens"] <= 4000
 
 
 def _built(run: study.Run):
