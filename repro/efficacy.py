@@ -33,7 +33,7 @@ class EfficacyParams:
     seed: int = 11
     facts: str = "data/facts/smollm2-135m.json"
     split: str = "eval"
-    output: str = "data/runs/smoke/efficacy_rome.nc"
+    output: str = "data/runs/efficacy.nc"
     device: str | None = None
     hparams: dict = field(default_factory=dict)
     save_every: int = 5

@@ -44,7 +44,7 @@ SPLITS = ("eval", "train")
 class SequentialParams:
     model: str = "smollm2-135m"
     editor: str = "rome"
-    n_edits: int = 3
+    n_edits: int = 100
     batch_size: int = 1  # facts per editor call
     seed: int = 0
     facts: str = "data/facts/smollm2-135m.json"
@@ -59,7 +59,7 @@ class SequentialParams:
     measure: dict = field(default_factory=dict)  # repro.measure.checkpoint.MeasureParams overrides
     collapse: dict = field(default_factory=dict)  # repro.measure.collapse.CollapseParams overrides
     checkpoint_every: int = 10
-    output: str = "data/runs/smoke_rome.nc"
+    output: str = "data/runs/sequential.nc"
     device: str | None = None
     # precision of the model's forward and backward passes; second moments and closed-form solves
     # stay fp64, value optimisation keeps δ and Adam's state in fp32 (models.DTYPES)

@@ -2,7 +2,9 @@
 efficacy, paraphrase and neighborhood success (CounterFact), each edit undone before the next."""
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import xarray as xr
@@ -12,6 +14,38 @@ from .data.counterfact import Record, to_request
 from .editors import make_editor
 from .measure.rewrite import harmonic_mean, record_scores
 from .models import LoadedModel, copy_weights, put_weights
+
+
+@dataclass
+class LayerSweepParams:
+    """Parameters of a layer sweep (notebooks/layer_sweep.ipynb)."""
+
+    model: str = "smollm2-135m"
+    editor: str = "rome"
+    layers: list[int] = field(default_factory=lambda: [1, 3, 5, 7, 9, 12, 15, 20])  # candidate layers
+    n_facts: int = 8  # held-out facts edited alone at each layer
+    seed: int = 1
+    split: str = "eval"
+    facts: str = "data/facts/smollm2-135m.json"
+    hparams: dict = field(default_factory=dict)  # editor hyperparameter overrides (not the layer)
+    output: str = "data/runs/layer_sweep.nc"
+    device: str | None = None
+
+    def validate(self) -> None:
+        from .experiment import SPLITS
+
+        if self.n_facts < 1:
+            raise ValueError(f"n_facts must be >= 1, got {self.n_facts}")
+        if not self.layers or any(layer < 0 for layer in self.layers):
+            raise ValueError(f"layers must be a non-empty list of layer indices >= 0, got {self.layers}")
+        if self.split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if not str(self.output).endswith(".nc"):
+            raise ValueError(f"output must be a .nc file, got {self.output!r}")
+
+    def as_dict(self) -> dict:
+        """The parameters a sweep file records: all but ``output`` (where it goes, not how it was made)."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "output"}
 
 
 def sweep_layers(

@@ -4,6 +4,14 @@ the book. Runs whose file and executed notebook exist are skipped, unless the fi
 other values of the declared parameters (stale): those are rerun, replacing the file.
 
     python -m repro.study --profile default [--only ID ...] [--force] [--list] [--toc] [--snapshot]
+    python -m repro.study --profile smoke --nbval
+
+Every selected run's parameters are checked (names, types, ranges: :mod:`repro.params`) before any
+notebook executes; all bad entries are reported at once.
+
+``--nbval`` (re)makes the notebooks the tests re-execute with nbval: for each notebook, the first
+run of the profile, executed, as ``tests/notebooks/<notebook>.ipynb`` (the notebook with the run's
+parameters injected by papermill after its parameters cell, and the outputs of that execution).
 
 ``--snapshot`` writes, for each run of the profile that is in progress (its resume state exists),
 a view of what it has done so far to ``data/runs/progress/`` without touching the run; the book
@@ -26,6 +34,7 @@ from .paths import ROOT, from_root
 
 PROFILES = ROOT / "study.yaml"
 EXECUTED = ROOT / "book" / "runs"
+NBVAL = ROOT / "tests" / "notebooks"
 
 
 # Parameters added after some runs were made, with the value those older files implicitly used.
@@ -93,11 +102,64 @@ def load_profile(name: str, path: Path | None = None) -> list[Run]:
     return runs
 
 
+def invalid_runs(runs: list[Run]) -> list[str]:
+    """A line per run whose parameters are not valid for its notebook (unknown names, wrong types
+    or ranges); empty when all are. Loads no model."""
+    from .params import check_run
+
+    bad = []
+    for run in runs:
+        try:
+            check_run(run.notebook, run.parameters)
+        except (ValueError, TypeError) as err:
+            bad.append(f"{run.id}: {err}")
+    return bad
+
+
+def nbval_runs(runs: list[Run]) -> list[Run]:
+    """The first run of each notebook: the instance the tests re-execute."""
+    first: dict[str, Run] = {}
+    for run in runs:
+        first.setdefault(run.notebook, run)
+    return list(first.values())
+
+
+def nbval_path(run: Run) -> Path:
+    return NBVAL / Path(run.notebook).name
+
+
+def nbval_instance(run: Run):
+    """The notebook of ``run`` with its parameters injected as papermill does (no outputs)."""
+    import nbformat
+    from papermill.parameterize import parameterize_notebook
+
+    nb = nbformat.read(from_root(run.notebook), as_version=4)
+    nb.metadata.setdefault("papermill", {})
+    return parameterize_notebook(nb, dict(run.parameters), kernel_name="python3", language="python")
+
+
+def write_nbval(runs: list[Run]) -> list[Path]:
+    """Execute each notebook's instance and store it, outputs included, under tests/notebooks/."""
+    import papermill as pm
+
+    NBVAL.mkdir(parents=True, exist_ok=True)
+    written = []
+    for run in nbval_runs(runs):
+        out = nbval_path(run)
+        print(f"[nbval] {run.id}: {run.notebook} -> {_show(out)}", flush=True)
+        pm.execute_notebook(str(from_root(run.notebook)), str(out), parameters=dict(run.parameters),
+                            cwd=str(ROOT), kernel_name="python3", progress_bar=False)
+        written.append(out)
+    return written
+
+
 def execute(run: Run, force: bool = False) -> None:
     import papermill as pm
 
+    from .params import accepts
+
     params = dict(run.parameters)
-    if force:
+    if force and accepts(run.notebook, "overwrite"):  # train_mend always rewrites its outputs
         params["overwrite"] = True
     run.executed.parent.mkdir(parents=True, exist_ok=True)
     tmp = run.executed.with_name(f".{run.executed.name}.tmp.ipynb")
@@ -166,6 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--toc", action="store_true", help="only list the executed runs in the book's TOC")
     ap.add_argument("--snapshot", action="store_true",
                     help="only write views of the runs in progress (those with a resume state) to data/runs/progress/")
+    ap.add_argument("--nbval", action="store_true",
+                    help="only (re)make tests/notebooks/: each notebook's first run of the profile, executed")
     args = ap.parse_args(argv)
     runs = load_profile(args.profile)
     if args.toc:
@@ -176,8 +240,18 @@ def main(argv: list[str] | None = None) -> int:
         if unknown:
             ap.error(f"unknown run ids {sorted(unknown)}")
         runs = [r for r in runs if r.id in args.only]
+    bad = invalid_runs(runs)
+    if bad:
+        print(f"{len(bad)} run(s) of profile {args.profile!r} with invalid parameters (nothing was run):",
+              file=sys.stderr)
+        for line in bad:
+            print(f"  {line}", file=sys.stderr)
+        return 2
     if args.snapshot:
         return snapshot_runs(runs)
+    if args.nbval:
+        write_nbval(runs)
+        return 0
     for run in runs:
         stale = run.stale() if run.done() else []
         status = ("stale" if stale else "done") if run.done() else "missing"

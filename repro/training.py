@@ -82,11 +82,11 @@ ADAPTER = "post"
 
 @dataclass
 class TrainParams:
-    """Parameters of one post-training run (defaults: a smoke run of a few seconds)."""
+    """Parameters of one post-training run (a smoke run: the ``smoke`` profile of study.yaml)."""
 
     intervention: str = "lora"  # "cpt" | "full_ft" | "lora"
     model: str = "smollm2-135m"
-    steps: int = 3  # optimizer steps
+    steps: int = 300  # optimizer steps
     lr: float = 1e-4  # peak learning rate (after warmup)
     weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only)
     batch_size: int = 8  # sequences per micro-batch
@@ -105,7 +105,7 @@ class TrainParams:
     eval_examples: int = 64  # held-out task examples (0: none)
     checkpoint_every: int = 50
     seed: int = 0
-    output: str = "data/runs/smoke/post_training.nc"
+    output: str = "data/runs/post_training.nc"
     device: str | None = None
 
     def validate(self) -> None:

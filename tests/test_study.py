@@ -46,19 +46,24 @@ def _run_file(path, params):
     write_netcdf(xr.Dataset({"x": ("i", [1.0])}, attrs={"params": json.dumps(params)}), path)
 
 
-@pytest.mark.parametrize("made,declared,stale", [
-    ({"seed": 0, "n_edits": 3}, "{seed: 0, n_edits: 3}", []),
-    ({"seed": 0, "n_edits": 3}, "{seed: 1, n_edits: 3}", ["seed"]),
-    ({"seed": 0}, "{seed: 0, n_eval: 20}", []),  # notebook-level parameter the file does not store
-    ({"seed": 0}, "{seed: 0, measure_every: 20}", ["measure_every"]),  # file predates measurements
-    ({"seed": 0}, "{seed: 0, measure_every: 0}", []),
-    ({"lr": 0.0001}, "{lr: 1.0e-4}", []),
+SEQ, MEND, POST = "sequential_editing", "train_mend", "post_training"
+
+
+@pytest.mark.parametrize("notebook,made,declared,stale", [
+    (SEQ, {"seed": 0, "n_edits": 3}, "{seed: 0, n_edits: 3}", []),
+    (SEQ, {"seed": 0, "n_edits": 3}, "{seed: 1, n_edits: 3}", ["seed"]),
+    (MEND, {"seed": 0}, "{seed: 0, n_eval: 20}", []),  # notebook-level parameter the file does not store
+    (SEQ, {"seed": 0}, "{seed: 0, measure_every: 20}", ["measure_every"]),  # file predates measurements
+    (SEQ, {"seed": 0}, "{seed: 0, measure_every: 0}", []),
+    (POST, {"lr": 0.0001}, "{lr: 1.0e-4}", []),
 ])
-def test_runs_made_with_other_parameters_are_stale_and_rerun(tmp_path, monkeypatch, capsys, made, declared, stale):
+def test_runs_made_with_other_parameters_are_stale_and_rerun(tmp_path, monkeypatch, capsys, notebook, made,
+                                                             declared, stale):
     prof = tmp_path / "s.yaml"
     out = tmp_path / "r1.nc"
-    prof.write_text("p:\n  - id: r1\n    notebook: notebooks/sequential_editing.ipynb\n"
-                    f"    parameters: {{output: {out}, overwrite: false, {declared[1:-1]}}}\n")
+    overwrite = "" if notebook == MEND else "overwrite: false, "
+    prof.write_text(f"p:\n  - id: r1\n    notebook: notebooks/{notebook}.ipynb\n"
+                    f"    parameters: {{output: {out}, {overwrite}{declared[1:-1]}}}\n")
     _run_file(out, {**made, "output": "elsewhere.nc"})
     monkeypatch.setattr(study, "PROFILES", prof)
     monkeypatch.setattr(study, "EXECUTED", tmp_path)

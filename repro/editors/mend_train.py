@@ -74,8 +74,9 @@ class MENDTrainParams:
     val_every: int = 50
     checkpoint_every: int = 20
     seed: int = 0
-    weights: str = "repro/editors/weights/mend_smollm2-135m.pt"
-    output: str = "data/runs/mend_train_smollm2-135m.nc"
+    # never the packaged weights the mend editor loads (repro/editors/weights/): study.yaml names those
+    weights: str = "data/runs/mend_weights.pt"
+    output: str = "data/runs/mend_train.nc"
     device: str | None = None
     hparams: dict = field(default_factory=dict)  # MEND architecture overrides (hparams/mend.yaml)
 
