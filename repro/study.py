@@ -38,7 +38,7 @@ NBVAL = ROOT / "tests" / "notebooks"
 
 
 # Parameters added after some runs were made, with the value those older files implicitly used.
-IMPLICIT = {"measure_every": 0, "measure": {}, "measure_at": [], "collapse": {}}
+IMPLICIT = {"measure_every": 0, "measure": {}, "measure_at": [], "collapse": {}, "dtype": "float32"}
 
 RUNS_PART = "Runs (executed notebooks)"
 TOC = ROOT / "book" / "_toc.yml"
