@@ -85,17 +85,73 @@ def _show(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def _fill(template, values: dict):
+    """``template`` with ``{name}`` replaced by ``values`` in its strings, inside dicts and lists too."""
+    if isinstance(template, dict):
+        return {k: _fill(v, values) for k, v in template.items()}
+    if isinstance(template, list):
+        return [_fill(v, values) for v in template]
+    if isinstance(template, str):
+        try:
+            return template.format(**values)
+        except KeyError as err:
+            raise ValueError(f"{template!r} names {err}, which is neither a grid axis nor a parameter") from None
+    return template
+
+
+def expand_grid(grid: dict, where: str) -> list[dict]:
+    """The run entries of a grid: one per combination of the values of ``axes`` (in the order the
+    axes and values are written), parameters = ``parameters`` + the combination + every matching
+    ``overrides`` item (``where``: axis values that must all match; ``parameters``: what to set, or
+    ``skip: true`` to leave the cell out). ``id``, ``title`` and string parameters are templates
+    over the parameters (``{editor}``, ...), ``{id}`` and ``{<axis>_short}`` (``short``: a short name
+    per axis value, e.g. for hub ids): the same values always give the same id."""
+    import itertools
+
+    missing = {"id", "notebook", "axes"} - set(grid)
+    if missing:
+        raise ValueError(f"{where}: a grid needs id, notebook and axes (missing {sorted(missing)})")
+    axes = grid["axes"]
+    short = grid.get("short", {})  # {axis: {value: short name}}: "{<axis>_short}" in templates
+    if not isinstance(axes, dict) or not axes or any(not isinstance(v, list) or not v for v in axes.values()):
+        raise ValueError(f"{where}: axes must map each parameter to a non-empty list of values")
+    entries = []
+    for combo in itertools.product(*axes.values()):
+        cell = dict(zip(axes, combo))
+        params = {**grid.get("parameters", {}), **cell}
+        skip = False
+        for item in grid.get("overrides", []):
+            unknown = set(item.get("where", {})) - set(axes)
+            if unknown:
+                raise ValueError(f"{where}: overrides match on {sorted(unknown)}, which are not axes")
+            if all(cell.get(k) == v for k, v in item.get("where", {}).items()):
+                skip = skip or bool(item.get("skip", False))
+                params.update(item.get("parameters", {}))
+        if skip:
+            continue
+        names = {**params, **{f"{a}_short": short[a].get(cell[a], cell[a]) for a in short}}
+        run_id = _fill(grid["id"], names)
+        filled = {k: _fill(v, {**names, "id": run_id}) for k, v in params.items()}
+        entries.append({"id": run_id, "notebook": grid["notebook"], "parameters": filled,
+                        "title": _fill(grid.get("title"), {**names, "id": run_id})})
+    return entries
+
+
 def load_profile(name: str, path: Path | None = None) -> list[Run]:
+    """The runs of profile ``name``: each entry is a run, or a ``grid`` that expands into runs
+    (:func:`expand_grid`)."""
     table = yaml.safe_load((path or PROFILES).read_text())
     if name not in table:
         raise ValueError(f"unknown profile {name!r}; known: {', '.join(sorted(table))}")
     runs = []
-    for i, entry in enumerate(table[name]):
-        missing = {"id", "notebook", "parameters"} - set(entry)
-        if missing or "output" not in entry.get("parameters", {}):
-            raise ValueError(f"profile {name!r} run #{i}: needs id, notebook and parameters.output "
-                             f"(missing {sorted(missing) or ['parameters.output']})")
-        runs.append(Run(entry["id"], entry["notebook"], dict(entry["parameters"]), entry.get("title")))
+    for i, item in enumerate(table[name]):
+        entries = expand_grid(item["grid"], f"profile {name!r} grid #{i}") if "grid" in item else [item]
+        for entry in entries:
+            missing = {"id", "notebook", "parameters"} - set(entry)
+            if missing or "output" not in entry.get("parameters", {}):
+                raise ValueError(f"profile {name!r} run #{i}: needs id, notebook and parameters.output "
+                                 f"(missing {sorted(missing) or ['parameters.output']})")
+            runs.append(Run(entry["id"], entry["notebook"], dict(entry["parameters"]), entry.get("title")))
     ids = [r.id for r in runs]
     if len(set(ids)) != len(ids):
         raise ValueError(f"profile {name!r} has duplicate run ids")
@@ -113,6 +169,10 @@ def invalid_runs(runs: list[Run]) -> list[str]:
             check_run(run.notebook, run.parameters)
         except (ValueError, TypeError) as err:
             bad.append(f"{run.id}: {err}")
+        facts = run.parameters.get("facts")
+        if facts and not from_root(facts).exists():
+            bad.append(f"{run.id}: its facts file {facts} does not exist; a data set you supply goes where the "
+                       f"profile says (see the comments of study.yaml and data/counterfact/README.md)")
     return bad
 
 
@@ -241,7 +301,10 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unknown run ids {sorted(unknown)}")
         runs = [r for r in runs if r.id in args.only]
     bad = invalid_runs(runs)
-    if bad:
+    if bad and args.list:  # the listing still shows every run; say what would stop them
+        for line in bad:
+            print(f"  note: {line}", file=sys.stderr)
+    elif bad:
         print(f"{len(bad)} run(s) of profile {args.profile!r} with invalid parameters (nothing was run):",
               file=sys.stderr)
         for line in bad:

@@ -108,3 +108,38 @@ def test_a_damaged_run_file_is_listed_as_unreadable_not_a_crash(tmp_path, monkey
     monkeypatch.setattr(study, "EXECUTED", tmp_path)
     assert study.main(["--profile", "p", "--list"]) == 0
     assert "stale" in capsys.readouterr().out and "unreadable r1.nc" in study.load_profile("p")[0].stale()[0]
+
+
+def test_a_grid_expands_into_runs_with_stable_ids_and_overrides(tmp_path):
+    profiles = tmp_path / "study.yaml"
+    profiles.write_text("""
+g:
+  - id: plain
+    notebook: notebooks/sequential_editing.ipynb
+    parameters: {editor: rome, output: data/runs/plain.nc}
+  - grid:
+      id: "{editor}_{model}_s{seed}"
+      title: "Run: {editor} on {model}, seed {seed}"
+      notebook: notebooks/sequential_editing.ipynb
+      axes: {editor: [rome, memit], model: [m1, m2], seed: [0, 1]}
+      parameters: {n_edits: 10, output: "data/runs/grid/{id}.nc"}
+      overrides:
+        - where: {editor: memit}
+          parameters: {batch_size: 5}
+        - where: {editor: rome, model: m2}
+          skip: true
+""")
+    runs = study.load_profile("g", profiles)
+    ids = [r.id for r in runs]
+    assert ids == ["plain", "rome_m1_s0", "rome_m1_s1", "memit_m1_s0", "memit_m1_s1", "memit_m2_s0", "memit_m2_s1"]
+    memit = runs[ids.index("memit_m2_s1")]
+    assert memit.parameters == {"n_edits": 10, "output": "data/runs/grid/memit_m2_s1.nc", "editor": "memit",
+                                "model": "m2", "seed": 1, "batch_size": 5}
+    assert memit.title == "Run: memit on m2, seed 1" and "batch_size" not in runs[1].parameters
+    assert [r.id for r in study.load_profile("g", profiles)] == ids  # the same file, the same ids
+    profiles.write_text("""
+bad:
+  - grid: {id: "{nope}", notebook: n.ipynb, axes: {editor: [rome]}, parameters: {output: x.nc}}
+""")
+    with pytest.raises(ValueError, match="nope"):
+        study.load_profile("bad", profiles)

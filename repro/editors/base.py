@@ -94,7 +94,7 @@ HPARAM_RANGES: dict[str, tuple[str, float | None, float | None]] = {
     "eps": ("float", 1e-30, None), "v_weight_decay": ("float", 0, None), "kl_factor": ("float", 0, None),
     "nll_stop": ("float", 0, None), "loss_stop": ("float", 0, None), "cov_ridge": ("float", 0, None),
     "eta": ("float", 0, None), "l2": ("float", 0, None), "norm_weight": ("float", 0, None),
-    "null_energy": ("float", 1e-12, 1.0), "dropout": ("float", 0, 0.999),
+    "null_energy": ("float", 1e-12, 1.0), "null_threshold": ("float", 0, None), "dropout": ("float", 0, 0.999),
 }
 EARLY_STOPS = ("nll", "mpes")
 
@@ -116,8 +116,8 @@ def check_hparams(editor: str, hp) -> None:
         value = getattr(hp, f.name)
         if f.name == "early_stop" and value not in EARLY_STOPS:
             raise ValueError(f"{editor} hyperparameter early_stop={value!r}: allowed {EARLY_STOPS}")
-        if f.name not in HPARAM_RANGES:
-            continue
+        if f.name not in HPARAM_RANGES or (value is None and f.default is None):
+            continue  # unchecked, or an optional setting left out
         kind, low, high = HPARAM_RANGES[f.name]
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         allowed = f"{'an integer' if kind == 'int' else 'a finite number'}" + (

@@ -69,6 +69,9 @@ class EMMETHyperParams(MEMITHyperParams):
 @dataclass
 class AlphaEditHyperParams(MEMITHyperParams):
     null_energy: float = 0.01  # share of C's trace allowed in the null space (sets the threshold)
+    # an absolute threshold on C's eigenvalues instead (the published 2e-2 for GPT2-XL, GPT-J and
+    # Llama-3-8B, on C = E[k kᵀ] as here); None: set from null_energy
+    null_threshold: float | None = None
     l2: float = 10.0  # α: ridge on the projected normal equations
 
 
@@ -244,7 +247,8 @@ class AlphaEdit(MEMIT):
     def projector(self, layer: int) -> torch.Tensor:
         if layer not in self._P:
             C = self.C(layer)
-            tau = threshold_from_spectrum(torch.linalg.eigvalsh(C), self.hp.null_energy)
+            tau = (self.hp.null_threshold if self.hp.null_threshold is not None
+                   else threshold_from_spectrum(torch.linalg.eigvalsh(C), self.hp.null_energy))
             P, _ = null_space_projector(C, tau)
             self._P[layer] = P
             self.null_dims[layer] = int(round(float(torch.trace(P))))
