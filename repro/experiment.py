@@ -30,6 +30,7 @@ from . import memory, store
 from .data.counterfact import EditRequest, Record, load_records, to_request
 from .data.text import load_text
 from .editors import make_editor
+from .editors.registry import check_overrides
 from .measure.collapse import NONFINITE, CollapseParams, CollapseProbe, collapsed_for, first_collapse
 from .measure.norms import weight_norms
 from .measure.rewrite import compare_targets, prefers_new
@@ -177,6 +178,7 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
     except ValueError as err:
         raise ValueError(f"{params.facts}: {err} (n_edits={params.n_edits})") from None
     requests = [to_request(r) for r in records]
+    check_overrides(params.editor, params.hparams)  # an unknown editor or setting: before the model loads
     lm = load_model(params.model, device=params.device, dtype=DTYPES[params.dtype])
     editor = make_editor(params.editor, lm, **params.hparams)
     if progress:

@@ -44,6 +44,10 @@ def test_facts_errors_come_before_the_model_loads(tmp_path, monkeypatch):
     empty.write_text("[]")
     with pytest.raises(ValueError, match="empty.json: holds no records"):
         run_sequential(params(tmp_path, facts=str(empty)))
+    with pytest.raises(ValueError, match="unknown editor 'romee'"):
+        run_sequential(params(tmp_path, editor="romee"))
+    with pytest.raises(ValueError, match=r"unknown r-rome hyperparameters \['v_stpes'\]"):
+        run_sequential(params(tmp_path, hparams={"v_stpes": 3}))
 
 
 def test_selection_is_seeded_and_split_disjoint():

@@ -69,3 +69,15 @@ def display_name(key: str) -> str:
 
 def editor_color(key: str) -> str:
     return editor_spec(key).color
+
+
+def check_overrides(key: str, overrides: dict) -> None:
+    """Refuse an unknown editor, or hyperparameter names its settings do not have, before any model
+    loads (values are checked when the editor is made: some depend on the model)."""
+    import dataclasses
+
+    spec = editor_spec(key)
+    names = {f.name for f in dataclasses.fields(spec.cls.hparams_class)}
+    unknown = set(overrides or {}) - names
+    if unknown:
+        raise ValueError(f"unknown {key} hyperparameters {sorted(unknown)}; known: {sorted(names)}")
