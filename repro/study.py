@@ -23,6 +23,7 @@ profile (``--toc`` does only that).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ class Run:
     notebook: str
     parameters: dict
     title: str | None = None
+    executed_dir: Path | None = None  # where its executed notebook goes (default: the book's runs/)
 
     @property
     def output(self) -> Path:
@@ -57,7 +59,7 @@ class Run:
 
     @property
     def executed(self) -> Path:
-        return EXECUTED / f"{self.id}.ipynb"
+        return (self.executed_dir or EXECUTED) / f"{self.id}.ipynb"
 
     def done(self) -> bool:
         return self.output.exists() and self.executed.exists()
@@ -258,7 +260,9 @@ def sync_toc(runs: list[Run], toc: Path | None = None) -> list[str]:
         {"file": str(r.executed.relative_to(book_dir).with_suffix("")), "title": r.title or f"Run: {r.id}"}
         for r in listed
     ]
-    toc.write_text(yaml.safe_dump(table, sort_keys=False, allow_unicode=True))
+    tmp = toc.with_name(f".{toc.name}.{os.getpid()}.tmp")
+    tmp.write_text(yaml.safe_dump(table, sort_keys=False, allow_unicode=True))
+    os.replace(tmp, toc)  # written once, whole: readers never see half a table of contents
     return [r.id for r in listed]
 
 
@@ -290,8 +294,17 @@ def main(argv: list[str] | None = None) -> int:
                     help="only write views of the runs in progress (those with a resume state) to data/runs/progress/")
     ap.add_argument("--nbval", action="store_true",
                     help="only (re)make tests/notebooks/: each notebook's first run of the profile, executed")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="run the missing runs side by side on a local Dask cluster of this many workers")
+    ap.add_argument("--scheduler", default=None, help="submit the runs to this Dask scheduler instead")
+    ap.add_argument("--file", type=Path, default=None, help=argparse.SUPPRESS)  # another profiles file (tests)
+    ap.add_argument("--executed", type=Path, default=None, help=argparse.SUPPRESS)  # another executed-notebook dir
     args = ap.parse_args(argv)
-    runs = load_profile(args.profile)
+    if args.workers is not None and args.workers < 1:
+        ap.error(f"--workers must be at least 1, got {args.workers}")
+    runs = load_profile(args.profile, args.file)
+    for run in runs:
+        run.executed_dir = args.executed
     if args.toc:
         print("book TOC lists:", ", ".join(sync_toc(runs)))
         return 0
@@ -315,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.nbval:
         write_nbval(runs)
         return 0
+    jobs = []
     for run in runs:
         stale = run.stale() if run.done() else []
         status = ("stale" if stale else "done") if run.done() else "missing"
@@ -327,12 +341,25 @@ def main(argv: list[str] | None = None) -> int:
             continue
         why = f" (stale: {', '.join(stale)} changed)" if stale else ""
         print(f"[run]  {run.id}: {run.notebook} -> {_show(run.output)}{why}", flush=True)
-        t0 = time.perf_counter()
-        execute(run, force=args.force or bool(stale))
-        print(f"[done] {run.id} in {time.perf_counter() - t0:.0f} s", flush=True)
-    if not args.list and args.profile == "default":
+        jobs.append((run, args.force or bool(stale)))
+    if args.list:
+        return 0
+    failed = 0
+    if args.workers or args.scheduler:
+        from .parallel import run_parallel
+
+        outcomes = run_parallel(jobs, args.workers, args.scheduler, echo=lambda line: print(line, flush=True))
+        failed = sum(o.status == "failed" for o in outcomes)
+    else:
+        for run, force in jobs:
+            t0 = time.perf_counter()
+            execute(run, force=force)
+            print(f"[done] {run.id} in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.profile == "default" and args.file is None:
         sync_toc(load_profile(args.profile))
-    return 0
+    if failed:
+        print(f"{failed} run(s) failed; rerun the same command to resume them", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
