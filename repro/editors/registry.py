@@ -27,7 +27,7 @@ class EditorSpec:
     cls: type[Editor]
     hparams_file: str  # hparams/<hparams_file>.yaml
     display: str  # the name in tables and figure legends
-    order: int  # position in tables and figures
+    order: int  # position in the study's order (that of the runs in study.yaml); picks the colour
     color: str  # figure colour (hex)
 
 
