@@ -41,6 +41,33 @@ def _label(ds: xr.Dataset) -> str:
     return display_name(str(ds.attrs.get("editor")))
 
 
+BOOK_WIDTH = 7.2  # inches: the book's text width (repro.plots.BOOK_WIDTH)
+
+
+def _panels(n: int, ncol: int = 2, height: float = 2.6):
+    """``n`` panels in rows of ``ncol`` at the book's width (spare cells hidden), as a flat list."""
+    nrow = -(-n // ncol)
+    fig, grid = plt.subplots(nrow, ncol, figsize=(BOOK_WIDTH, height * nrow + 0.6), squeeze=False)
+    flat = list(grid.flat)
+    for ax in flat[n:]:
+        ax.axis("off")
+    return flat[:n]
+
+
+def _shared_legend(axes, ncol: int = 5) -> None:
+    """One legend for all panels, below them, outside the data (labels of the first panel, plus
+    any reference lines of the others)."""
+    handles, labels = [], []
+    for ax in axes:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig = axes[0].figure
+    fig.legend(handles, labels, loc="lower center", ncol=ncol, frameon=False, bbox_to_anchor=(0.5, 0.0))
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * (len(labels) // ncol), 1, 1))
+
+
 def _lines(runs: dict, ax, value, ylabel: str, title: str):
     colors = editor_colors(runs)
     for ds, _ in runs.values():
@@ -84,8 +111,9 @@ def plot_downstream(runs: dict, axes=None):
     first = next(iter(runs.values()))[0]
     tasks = list(first["task"].values)
     n = len(tasks) + 3
+    shared = axes is None
     if axes is None:
-        _, axes = plt.subplots(1, n, figsize=(3.3 * n, 3.2))
+        axes = _panels(n)
     for ax, task in zip(axes, tasks):
         _lines(runs, ax, lambda ds, t=task: ds["task_acc"].sel(task=t).values, "accuracy", f"{task} (few-shot)")
         ax.axhline(float(first["task_chance"].sel(task=task)), color="0.4", ls="--", lw=1, label="chance")
@@ -97,7 +125,10 @@ def plot_downstream(runs: dict, axes=None):
     perplexity = lambda ds: ds["perplexity"].values  # noqa: E731
     _lines(runs, axes[len(tasks) + 2], perplexity, "perplexity", "held-out Wikipedia")
     _clip_outliers(runs, axes[len(tasks) + 2], perplexity)
-    axes[0].legend(frameon=False, fontsize=7)
+    if shared:
+        _shared_legend(axes)
+    else:
+        axes[0].legend(frameon=False, fontsize=7)
     return axes
 
 
@@ -107,13 +138,17 @@ def plot_edit_quality(runs: dict, axes=None):
     so far, and generation entropy, vs number of edits, one line per editor."""
     panels = [("es", "efficacy ES"), ("ps", "paraphrase PS"), ("ns", "neighborhood NS"), ("score", "S (harmonic mean)"),
               ("gen_entropy_mean", "generation entropy (bits)")]
+    shared = axes is None
     if axes is None:
-        _, axes = plt.subplots(1, len(panels), figsize=(3.3 * len(panels), 3.2))
+        axes = _panels(len(panels))
     for ax, (var, title) in zip(axes, panels):
         _lines(runs, ax, lambda ds, v=var: ds[v].values, title.split(" (")[0], title)
         if var != "gen_entropy_mean":
             ax.set_ylim(-0.02, 1.02)
-    axes[0].legend(frameon=False, fontsize=7)
+    if shared:
+        _shared_legend(axes)
+    else:
+        axes[0].legend(frameon=False, fontsize=7)
     return axes
 
 
@@ -128,13 +163,17 @@ def relative_activation_norms(ds: xr.Dataset, sites=("resid", "attn", "mlp")) ->
 def plot_activation_norms(runs: dict, axes=None, sites=("resid", "attn", "mlp")):
     """F6a: mean norm of the residual stream, attention output and MLP output (relative to the
     unedited model, mean over layers) vs number of edits, one line per editor."""
+    shared = axes is None
     if axes is None:
-        _, axes = plt.subplots(1, len(sites), figsize=(3.5 * len(sites), 3.2))
+        axes = _panels(len(sites), ncol=len(sites) if len(sites) <= 3 else 2)
     for ax, site in zip(axes, sites):
         _lines(runs, ax, lambda ds, s=site: relative_activation_norms(ds, sites).sel(site=s).values,
                "‖h‖ / ‖h‖ unedited (mean over layers)", f"{site} norm")
         ax.axhline(1.0, color="0.4", ls="--", lw=1)
-    axes[0].legend(frameon=False, fontsize=7)
+    if shared:
+        _shared_legend(axes)
+    else:
+        axes[0].legend(frameon=False, fontsize=7)
     return axes
 
 
@@ -166,11 +205,15 @@ def plot_subspaces(runs: dict, axes=None, site: str = "resid"):
     """F7a: subspace overlap (mean cos² of the top-k principal angles), linear CKA and mean
     cosine of matched activations, against the unedited model, mean over layers, vs edits."""
     panels = [("subspace_overlap", "subspace overlap (mean cos²)"), ("cka", "linear CKA"), ("act_cosine", "mean cosine")]
+    shared = axes is None
     if axes is None:
-        _, axes = plt.subplots(1, len(panels), figsize=(3.5 * len(panels), 3.2))
+        axes = _panels(len(panels), ncol=len(panels))
     for ax, (var, title) in zip(axes, panels):
         _lines(runs, ax, lambda ds, v=var: ds[v].sel(site=site).mean("layer").values, title, f"{site}: {title}")
-    axes[0].legend(frameon=False, fontsize=7)
+    if shared:
+        _shared_legend(axes)
+    else:
+        axes[0].legend(frameon=False, fontsize=7)
     return axes
 
 
@@ -295,3 +338,68 @@ def plot_probe(runs: dict, ax=None, factor: float | None = None):
     ax.set(xlabel="number of edits (log scale)", ylabel="probe perplexity / unedited")
     ax.legend(frameon=False, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return ax
+
+
+# -- F6b / F7b: per layer, every editor at once -----------------------------------------------
+def plot_layer_heatmap(runs: dict, value, label: str, ax=None, log: bool = True, center: float = 1.0,
+                       cap: float | None = None):
+    """One row per run, one column per layer: ``value(ds)`` (per layer, after the last edit) as a
+    heat map, diverging around ``center`` (log colour scale when ``log``); each run's edited layers
+    outlined. For ratios to the unedited model (activation norms) and similarities (overlap)."""
+    from matplotlib.colors import LogNorm, TwoSlopeNorm
+    from matplotlib.patches import Rectangle
+
+    rows = [np.asarray(value(ds), dtype=float) for ds, _ in runs.values()]
+    vals = np.vstack(rows)
+    ax = ax or plt.subplots(figsize=(BOOK_WIDTH, 0.42 * len(rows) + 1.4))[1]
+    if log:  # ``cap``: ratios beyond ×cap (or 1/cap) take the end colours, so small changes stay visible
+        top = max(float(np.nanmax(np.abs(np.log(vals)))), 1e-3)
+        top = min(top, float(np.log(cap))) if cap else top
+        norm = LogNorm(vmin=np.exp(-top), vmax=np.exp(top))
+    else:
+        lo, hi = float(np.nanmin(vals)), float(np.nanmax(vals))
+        norm = TwoSlopeNorm(center, min(lo, center - 1e-6), max(hi, center + 1e-6))
+    im = ax.imshow(vals, aspect="auto", cmap="RdBu_r", norm=norm, interpolation="nearest")
+    for r, (ds, _) in enumerate(runs.values()):
+        for c in np.flatnonzero(ds["edited"].any("matrix").values):
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, ec="k", lw=1.0))
+    ax.set_yticks(range(len(rows)), [_label(ds) for ds, _ in runs.values()])
+    ax.set_xlabel("layer (outlined: edited)")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))
+    bar = plt.colorbar(im, ax=ax, label=label, fraction=0.04, pad=0.02, extend="both" if cap else "neither")
+    if log:
+        from matplotlib.ticker import FixedLocator, NullFormatter
+
+        ticks = [t for t in (0.5, 0.8, 0.9, 1.0, 1.1, 1.25, 2.0, 5.0) if norm.vmin <= t <= norm.vmax]
+        bar.ax.yaxis.set_major_locator(FixedLocator(ticks))
+        bar.ax.yaxis.set_minor_formatter(NullFormatter())
+        bar.ax.set_yticklabels([f"{t:g}" for t in ticks])
+    return ax
+
+
+def activation_ratio_by_layer(ds: xr.Dataset, site: str = "resid") -> np.ndarray:
+    """Per layer: mean activation norm at ``site`` after the last edit over the unedited model's."""
+    norm = ds["act_norm"].sel(site=site)
+    return (norm.isel(ckpt=-1) / norm.isel(ckpt=0)).values
+
+
+def summary_frame(runs: dict):
+    """T1 as a table (pandas DataFrame, one row per editor): after the last edit, ES, PS, NS and S
+    over all edited facts, generation entropy, mean downstream accuracy, recall of unedited facts
+    and perplexity, each beside the unedited model's value, and the growth of the edited matrices."""
+    import pandas as pd
+
+    rows = []
+    for ds, _ in runs.values():
+        last, first = ds.isel(ckpt=-1), ds.isel(ckpt=0)
+        rows.append({
+            "editor": _label(ds), "edits": int(last["ckpt"]),
+            "ES": float(last["es"]), "PS": float(last["ps"]), "NS": float(last["ns"]),
+            "S": harmonic_mean(float(last["es"]), float(last["ps"]), float(last["ns"])),
+            "GE": float(last["gen_entropy_mean"]), "GE unedited": float(first["gen_entropy_mean"]),
+            "tasks": float(last["task_mean_acc"]), "tasks unedited": float(first["task_mean_acc"]),
+            "recall": float(last["recall"]), "recall unedited": float(first["recall"]),
+            "ppl": float(last["perplexity"]), "ppl unedited": float(first["perplexity"]),
+            "growth": growth_at(ds, int(ds["step"].values[-1])),
+        })
+    return pd.DataFrame(rows).set_index("editor")
