@@ -16,6 +16,7 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
+from .params import check_types
 from . import store
 from .data.counterfact import Record, load_records, to_request
 from .editors import make_editor
@@ -49,6 +50,7 @@ class EfficacyParams:
 
 def run_efficacy(params: EfficacyParams, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
     """Edit each of ``n_facts`` held-out facts alone and score it; return (and store) the Dataset."""
+    check_types(params)  # types first (the Python API too), then ranges
     params.validate()
     output = from_root(params.output)
     pdict = dataclasses.asdict(params)

@@ -26,6 +26,7 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
+from .params import check_types
 from . import memory, store
 from .data.counterfact import EditRequest, Record, load_records, to_request
 from .data.text import load_text
@@ -159,6 +160,7 @@ def _edit_scores(lm: LoadedModel, reqs: list[EditRequest]) -> tuple[np.ndarray, 
 
 def run_sequential(params: SequentialParams, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
     """Run (or resume, or reuse) a sequential editing run and return its Dataset."""
+    check_types(params)  # types first (the Python API too), then ranges
     params.validate()
     overwrite = store.parse_bool(overwrite, "overwrite")
     output = from_root(params.output)

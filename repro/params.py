@@ -206,3 +206,9 @@ def from_notebook(cls: type, namespace: dict, extra: type | None = None):
     values = {k: v for k, v in namespace.items()
               if not k.startswith("_") and k not in _IPYTHON and isinstance(v, _PARAMETER_TYPES)}
     return build(cls, values, extra)
+
+
+def check_types(params) -> None:
+    """The Python API's check: a params dataclass instance made in code (``SequentialParams(n_edits="2")``)
+    is checked by the same rules as a notebook's or a profile's values."""
+    coerce(type(params), {f.name: getattr(params, f.name) for f in dataclasses.fields(params)})

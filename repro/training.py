@@ -64,6 +64,7 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
+from .params import check_types
 from . import store
 from .data.counterfact import Record, load_records
 from .data.text import load_text
@@ -546,6 +547,7 @@ HISTORY = ("rec_step", "weight_norm", "delta_norm", "embed_norm", "train_loss", 
 
 def run_training(params: TrainParams, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
     """Run (or resume, or reuse) a post-training run and return its Dataset (see module docs)."""
+    check_types(params)  # types first (the Python API too), then ranges
     params.validate()
     output = from_root(params.output)
     pdict = params.as_dict()

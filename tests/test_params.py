@@ -227,3 +227,12 @@ def test_force_passes_overwrite_only_to_notebooks_that_take_it(monkeypatch, tmp_
         study.execute(run, force=True)
     assert seen == {"sequential_editing.ipynb": {"output": "x.nc", "overwrite": True},
                     "train_mend.ipynb": {"output": "x.nc"}}
+
+
+def test_the_python_api_checks_types_as_notebooks_do(tmp_path):
+    from repro.experiment import SequentialParams, run_sequential
+
+    with pytest.raises(ValueError, match=r"n_edits must be an integer, got '2' \(str\)"):
+        run_sequential(SequentialParams(n_edits="2", output=str(tmp_path / "x.nc")))
+    with pytest.raises(ValueError, match="batch_size must be an integer, got 2.5"):
+        run_sequential(SequentialParams(batch_size=2.5, output=str(tmp_path / "x.nc")))

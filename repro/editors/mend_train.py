@@ -34,6 +34,7 @@ import xarray as xr
 from tqdm import tqdm
 
 from .. import store
+from ..params import check_types
 from ..data.counterfact import Record, load_records, to_request
 from ..experiment import split_of
 from ..measure.rewrite import record_scores
@@ -437,6 +438,7 @@ def run_training(cfg: MENDTrainParams, progress: bool = True) -> tuple[xr.Datase
     """Load the model and the facts, meta-train, save the weights and the training curve."""
     from ..data.text import load_text
 
+    check_types(cfg)  # types first (the Python API too), then ranges
     cfg.validate()
     lm = load_model(cfg.model, device=cfg.device)
     hp = load_hparams(MENDHyperParams, "mend", lm, cfg.hparams)
