@@ -353,3 +353,36 @@ def norm_growth_frame(runs: dict):
             "ES right after": float(ds["efficacy"].mean()), "ES at the end": float(ds["efficacy_final"].mean()),
         })
     return pd.DataFrame(rows).set_index("editor")
+
+
+def relative_norm_frame(runs: dict):
+    """The post-training table (pandas DataFrame, one row per run, labelled by its setting): the
+    final change ‖W_t‖/‖W_0‖ − 1 in per cent per matrix type (mean over the trained layers), over
+    all trained matrices and of the one that grew most; how far the matrices moved (‖ΔW‖/‖W_0‖,
+    mean); the share of trained matrices that grew and of recording intervals over which the mean
+    rose; the orthogonal-update prediction √(1 + ‖ΔW‖²/‖W_0‖²) − 1 (per cent) and the median cosine
+    of the update with W_0; training loss and held-out perplexity, first and last."""
+    import pandas as pd
+
+    rows = []
+    for ds, _ in runs.values():
+        rel = relative_norms(ds).where(ds["trained"] == 1)
+        pct = 100 * (rel.isel(step=-1) - 1)
+        mean = rel.mean(("layer", "matrix")).values
+        g = growth_decomposition(ds).where(ds["trained"] == 1).isel(step=-1)
+        loss, ppl = ds["train_loss"].values, ds["eval_ppl"].values
+        k = max(1, min(10, len(loss) // 5))
+        row = {"run": training_setting(ds), "steps": int(ds.sizes["opt_step"])}
+        row.update({f"{short_matrix(m)} %": float(pct.sel(matrix=m).mean()) for m in ds["matrix"].values})
+        row.update({
+            "all %": float(pct.mean()), "max %": float(pct.max()),
+            "‖ΔW‖/‖W0‖": float((ds["delta_norm"] / ds["weight_norm"].isel(step=0)).where(ds["trained"] == 1)
+                               .isel(step=-1).mean()),
+            "grown": float((pct > 0).sum() / pct.notnull().sum()),
+            "rising": float((np.diff(mean) > 0).mean()) if len(mean) > 1 else float("nan"),
+            "if ⟂ %": 100 * float(g.orthogonal.mean()), "cos(W0, ΔW)": float(g.cosine.median()),
+            "loss first": float(loss[:k].mean()), "loss last": float(loss[-k:].mean()),
+            "ppl first": float(ppl[0]), "ppl last": float(ppl[-1]),
+        })
+        rows.append(row)
+    return pd.DataFrame(rows).set_index("run")
