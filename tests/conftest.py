@@ -85,3 +85,30 @@ def tiny_dir(tiny_lm, tmp_path_factory):
     tiny_lm.model.save_pretrained(path)
     tiny_lm.tokenizer.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture
+def interrupt_at(monkeypatch):
+    """``interrupt_at(module, n)``: ``module.make_editor`` then builds editors whose ``n``-th
+    ``apply`` raises KeyboardInterrupt (as a kill mid-run would); returns the real make_editor, to
+    put back with ``monkeypatch.setattr``."""
+    def patch(module, n: int):
+        real = module.make_editor
+
+        def flaky(*a, **k):
+            editor = real(*a, **k)
+            apply, calls = editor.apply, []
+
+            def apply_or_fail(reqs):
+                calls.append(1)
+                if len(calls) == n:
+                    raise KeyboardInterrupt
+                return apply(reqs)
+
+            editor.apply = apply_or_fail
+            return editor
+
+        monkeypatch.setattr(module, "make_editor", flaky)
+        return real
+
+    return patch

@@ -77,25 +77,10 @@ def test_bad_measure_parameters_are_rejected():
         MeasureParams(parts=("quality", "vibes"))
 
 
-def test_interrupted_measured_run_resumes_to_the_same_result(tmp_path, tiny_dir, measured, monkeypatch):
+def test_interrupted_measured_run_resumes_to_the_same_result(tmp_path, tiny_dir, measured, monkeypatch, interrupt_at):
     _, full = measured
     p = params(tmp_path, tiny_dir)
-    real = experiment.make_editor
-
-    def flaky(*a, **k):
-        editor = real(*a, **k)
-        apply, calls = editor.apply, []
-
-        def fail_third(reqs):
-            calls.append(1)
-            if len(calls) == 3:
-                raise KeyboardInterrupt
-            return apply(reqs)
-
-        editor.apply = fail_third
-        return editor
-
-    monkeypatch.setattr(experiment, "make_editor", flaky)
+    real = interrupt_at(experiment, 3)
     with pytest.raises(KeyboardInterrupt):
         run_sequential(p, progress=False)
     monkeypatch.setattr(experiment, "make_editor", real)

@@ -18,26 +18,6 @@ def own_cache(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("NORMGROWTH_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-def _interrupt_second_apply(module, monkeypatch):
-    real = module.make_editor
-
-    def flaky(*a, **k):
-        editor = real(*a, **k)
-        apply, calls = editor.apply, []
-
-        def apply_once_then_fail(reqs):
-            calls.append(1)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            return apply(reqs)
-
-        editor.apply = apply_once_then_fail
-        return editor
-
-    monkeypatch.setattr(module, "make_editor", flaky)
-    return real
-
-
 def test_efficacy_scores_each_fact_on_the_unedited_model(tiny_dir, tmp_path):
     p = EfficacyParams(model=tiny_dir, editor="rome", n_facts=3, output=str(tmp_path / "e.nc"),
                        hparams=TINY_ROME, save_every=1)
@@ -53,12 +33,12 @@ def test_efficacy_scores_each_fact_on_the_unedited_model(tiny_dir, tmp_path):
     np.testing.assert_allclose(run_efficacy(p2, progress=False)["delta_norm"][0], ds["delta_norm"][0], rtol=1e-5)
 
 
-def test_efficacy_resumes_after_interruption(tiny_dir, tmp_path, monkeypatch):
+def test_efficacy_resumes_after_interruption(tiny_dir, tmp_path, monkeypatch, interrupt_at):
     base = EfficacyParams(model=tiny_dir, editor="rome", n_facts=3, hparams=TINY_ROME, save_every=1,
                           output=str(tmp_path / "full.nc"))
     full = run_efficacy(base, progress=False)
     p = EfficacyParams(**{**base.__dict__, "output": str(tmp_path / "cut.nc")})
-    real = _interrupt_second_apply(efficacy, monkeypatch)
+    real = interrupt_at(efficacy, 2)
     with pytest.raises(KeyboardInterrupt):
         run_efficacy(p, progress=False)
     assert (tmp_path / "cut.nc.state.pt").exists() and not (tmp_path / "cut.nc").exists()
@@ -75,7 +55,7 @@ def test_bad_efficacy_parameters(tmp_path):
         run_efficacy(EfficacyParams(output=str(tmp_path / "x.txt")))
 
 
-def test_batch_run_with_carried_keys_resumes_to_the_same_result(tiny_dir, tmp_path, monkeypatch):
+def test_batch_run_with_carried_keys_resumes_to_the_same_result(tiny_dir, tmp_path, monkeypatch, interrupt_at):
     """ENCORE in batches of 2: the earlier edits' keys are checkpointed with the weights, so a run
     interrupted after the first batch ends exactly where the uninterrupted one does."""
     kw = dict(model=tiny_dir, editor="encore", n_edits=4, batch_size=2, checkpoint_every=1, measure_every=0,
@@ -83,7 +63,7 @@ def test_batch_run_with_carried_keys_resumes_to_the_same_result(tiny_dir, tmp_pa
     full = run_sequential(SequentialParams(output=str(tmp_path / "full.nc"), **kw), progress=False)
     assert full.sizes["edit"] == 4 and list(full["step"].values) == [0, 2, 4]
     assert int(full["edited"].sum()) == 2
-    real = _interrupt_second_apply(experiment, monkeypatch)
+    real = interrupt_at(experiment, 2)
     p = SequentialParams(output=str(tmp_path / "cut.nc"), **kw)
     with pytest.raises(KeyboardInterrupt):
         run_sequential(p, progress=False)

@@ -120,25 +120,10 @@ def test_finished_run_is_reused_not_redone(finished, monkeypatch):
         run_sequential(dataclasses.replace(p, seed=5))
 
 
-def test_interrupted_run_resumes_to_the_same_result(tmp_path, finished, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_result(tmp_path, finished, monkeypatch, interrupt_at):
     _, full = finished
     p = params(tmp_path)
-    real = experiment.make_editor
-
-    def flaky(*a, **k):
-        editor = real(*a, **k)
-        apply, calls = editor.apply, []
-
-        def apply_once_then_fail(reqs):
-            calls.append(1)
-            if len(calls) == 2:
-                raise KeyboardInterrupt
-            return apply(reqs)
-
-        editor.apply = apply_once_then_fail
-        return editor
-
-    monkeypatch.setattr(experiment, "make_editor", flaky)
+    real = interrupt_at(experiment, 2)
     with pytest.raises(KeyboardInterrupt):
         run_sequential(p, progress=False)
     assert not (tmp_path / "run.nc").exists()

@@ -213,29 +213,14 @@ def test_long_growth_figure_marks_crossing_and_collapse():
 
 
 def test_snapshot_of_an_interrupted_run_shows_its_progress_and_is_not_taken_for_done(tmp_path, tiny_dir,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, interrupt_at):
     from repro.experiment import progress_path, snapshot
     from repro.store import read_netcdf
 
     p = params(tmp_path, tiny_dir, n_edits=4, measure_at=[2],
                measure=dict(SMALL, parts=["quality"]))
     assert snapshot(p.output) is None  # nothing started: no view
-    real = experiment.make_editor
-
-    def flaky(*a, **k):
-        editor = real(*a, **k)
-        apply, calls = editor.apply, []
-
-        def fail_fourth(reqs):
-            calls.append(1)
-            if len(calls) == 4:
-                raise KeyboardInterrupt
-            return apply(reqs)
-
-        editor.apply = fail_fourth
-        return editor
-
-    monkeypatch.setattr(experiment, "make_editor", flaky)
+    real = interrupt_at(experiment, 4)
     with pytest.raises(KeyboardInterrupt):
         run_sequential(p, progress=False)
     monkeypatch.setattr(experiment, "make_editor", real)
