@@ -15,6 +15,7 @@ from matplotlib.colors import to_rgb
 
 from .editors.registry import REGISTRY, editor_spec
 from .measure.rewrite import harmonic_mean
+from .plots import BOOK_WIDTH
 from .report import display_name, edited_norms, growth_at, profile_runs
 from .store import run_params
 
@@ -39,9 +40,6 @@ def editor_colors(runs: dict) -> dict[str, tuple]:
 
 def _label(ds: xr.Dataset) -> str:
     return display_name(str(ds.attrs.get("editor")))
-
-
-BOOK_WIDTH = 7.2  # inches: the book's text width (repro.plots.BOOK_WIDTH)
 
 
 def _panels(n: int, ncol: int = 2, height: float = 2.6):
