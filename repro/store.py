@@ -17,14 +17,23 @@ log = logging.getLogger(__name__)
 
 PROVENANCE_PACKAGES = ("torch", "transformers", "peft", "xarray", "netCDF4", "numpy", "normgrowth")
 
+# What runs write (result files, resume states, executed notebooks): changes there are products of
+# the code, not changes to it, so they do not make a commit "dirty".
+RUN_OUTPUTS = ("data/runs", "book/runs")
+
 
 def git_sha(cwd: str | Path | None = None) -> str:
-    """The commit of the working tree, with ``-dirty`` when it has uncommitted changes."""
+    """The commit of the working tree, with ``-dirty`` when tracked files outside the run outputs
+    (:data:`RUN_OUTPUTS`) have uncommitted changes. A long run rewrites its committed resume state
+    as it goes; that alone leaves the code it runs unchanged."""
     cwd = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=cwd, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        excluded = [f":(exclude){p}" for p in RUN_OUTPUTS]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".", *excluded],
+                               cwd=top, capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

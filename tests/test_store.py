@@ -79,3 +79,23 @@ def test_a_finished_run_made_with_other_parameters_is_never_silently_replaced(tm
     with pytest.raises(FileExistsError, match="other parameters"):
         store.existing_run(path, {"n_edits": 4})
     assert store.existing_run(path, {"n_edits": 4}, overwrite=True) is None  # only when told explicitly
+
+
+def test_git_sha_dirty_for_code_not_for_run_outputs(tmp_path):
+    import subprocess
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    git("config", "user.email", "t@t"); git("config", "user.name", "t")
+    (tmp_path / "data" / "runs").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "data" / "runs" / "a.nc.state.pt").write_text("state 1")
+    git("add", "-A"); git("commit", "-q", "-m", "c")
+    clean = store.git_sha(tmp_path)
+    assert len(clean) == 40
+    (tmp_path / "data" / "runs" / "a.nc.state.pt").write_text("state 2")   # a run going on
+    assert store.git_sha(tmp_path) == clean
+    (tmp_path / "data" / "runs" / "a.nc.state.pt").unlink()                # a run that finished
+    assert store.git_sha(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")                           # the code changed
+    assert store.git_sha(tmp_path) == clean + "-dirty"
