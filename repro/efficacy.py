@@ -16,8 +16,7 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
-from .params import check_types
-from . import store
+from .lifecycle import Run, execute
 from .data.counterfact import Record, load_records, to_request
 from .editors import make_editor
 from .experiment import SPLITS, select_records
@@ -50,28 +49,18 @@ class EfficacyParams:
 
 def run_efficacy(params: EfficacyParams, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
     """Edit each of ``n_facts`` held-out facts alone and score it; return (and store) the Dataset."""
-    check_types(params)  # types first (the Python API too), then ranges
-    params.validate()
-    output = from_root(params.output)
-    pdict = dataclasses.asdict(params)
-    done = store.existing_run(output, pdict, overwrite)
-    if done is not None:
-        return done
+    return execute(params, lambda run: _run(params, run, progress), overwrite)
+
+
+def _run(params: EfficacyParams, run: Run, progress: bool) -> xr.Dataset:
     lm = load_model(params.model, device=params.device)
     records: list[Record] = select_records(load_records(from_root(params.facts)), params.n_facts,
                                            params.seed, params.split)
     editor = make_editor(params.editor, lm, **params.hparams)
     matrices = editor.edited_matrices()
     originals = copy_weights(lm, matrices)
-    state_file = store.state_path(output)
-    state = {"params": pdict, "rows": [], "elapsed": 0.0}
-    saved = store.load_state(state_file)
-    if saved is not None:
-        if saved.get("params") == pdict:
-            state = saved
-    output.parent.mkdir(parents=True, exist_ok=True)
+    state = run.resume() or {"rows": []}
     base = record_scores(lm, records)
-    t0 = time.perf_counter() - state["elapsed"]
     bar = tqdm(total=len(records), initial=len(state["rows"]), desc=f"{params.editor} single edits",
                disable=not progress)
     for rec in records[len(state["rows"]):]:
@@ -88,8 +77,7 @@ def run_efficacy(params: EfficacyParams, overwrite: bool = False, progress: bool
         put_weights(lm, matrices, originals)
         bar.update()
         if len(state["rows"]) % params.save_every == 0:
-            state["elapsed"] = time.perf_counter() - t0
-            store.save_state(state_file, state)
+            run.save(state)
     bar.close()
     rows = state["rows"]
     col = lambda k: np.array([r[k] for r in rows], dtype=float)  # noqa: E731
@@ -108,15 +96,11 @@ def run_efficacy(params: EfficacyParams, overwrite: bool = False, progress: bool
     ds["ps"].attrs["long_name"] = "share of paraphrase prompts preferring the new object"
     ds["ns"].attrs["long_name"] = "share of neighborhood prompts still preferring the true object"
     ds["v_steps"].attrs["long_name"] = "optimisation steps the editor took (NaN where it has none)"
-    ds.attrs.update(store.provenance(
-        pdict, str(lm.device), run_id=output.stem, model=params.model, editor=params.editor,
+    return run.finish(
+        ds, str(lm.device), model=params.model, editor=params.editor,
         edited_matrices=[f"{l}:{m}" for l, m in matrices], facts_file=params.facts,
         hparams=dataclasses.asdict(editor.hp) if dataclasses.is_dataclass(editor.hp) else {},
-        wall_time_s=round(time.perf_counter() - t0, 2),
-    ))
-    store.write_netcdf(ds, output)
-    state_file.unlink(missing_ok=True)
-    return ds
+    )
 
 
 def summarize(ds: xr.Dataset) -> dict[str, float]:
@@ -149,6 +133,71 @@ def key_agreement_table(ka: xr.Dataset, label=lambda editor: editor) -> str:
                      f"{stat(np.median, 'share'):>6.2f}  {es}")
     lines.append("(cosine and share: medians; editor columns: ES)")
     return "\n".join(lines)
+
+
+@dataclass
+class KeyAgreementParams:
+    """Parameters of a key agreement run (``scripts/key_agreement.py``): the single-edit run whose
+    facts are examined, the ROME-type editor whose context prefixes and statistics are used."""
+
+    run: str = "data/runs/efficacy_r-rome_smollm2-135m.nc"
+    editor: str = "r-rome"
+    output: str = "data/runs/key_agreement_r-rome_smollm2-135m.nc"
+
+    def validate(self) -> None:
+        for name in ("run", "output"):
+            if not str(getattr(self, name)).endswith(".nc"):
+                raise ValueError(f"{name} must be a .nc file, got {getattr(self, name)!r}")
+
+
+def run_key_agreement(params: KeyAgreementParams, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
+    """For every fact of a single-edit run, compare the key of the plain rewrite prompt with the
+    key averaged over the editor's context prefixes (:func:`key_agreement`); store (dim ``fact``)
+    the cosine, the share of the update the plain prompt receives, whether the subject opens the
+    prompt, whether its last token changes without the leading space, and the ES of every
+    single-edit run of the same model on the same facts."""
+    from . import store
+    from pathlib import Path
+
+    def body(run: Run) -> xr.Dataset:
+        source = store.read_netcdf(from_root(params.run))
+        p = store.run_params(source)
+        records = select_records(load_records(from_root(p["facts"])), p["n_facts"], p["seed"], p["split"])
+        if [r.case_id for r in records] != [int(c) for c in source["case_id"].values]:
+            raise ValueError(f"{params.run}: its facts cannot be re-selected from {p['facts']} (file changed?)")
+        lm = load_model(p["model"])
+        editor = make_editor(params.editor, lm, **p.get("hparams", {}))
+        rows = [key_agreement(lm, editor, r) for r in tqdm(records, desc="keys", disable=not progress)]
+        tok = lm.tokenizer
+        ds = xr.Dataset(
+            {
+                "cosine": ("fact", np.array([r["cosine"] for r in rows])),
+                "share": ("fact", np.array([r["share"] for r in rows])),
+                "subject_opens": ("fact", np.array([subject_opens_prompt(r) for r in records], dtype=np.int8)),
+                "last_token_differs": ("fact", np.array([tok.tokenize(r.requested_rewrite.subject)[-1]
+                                                         != tok.tokenize(" " + r.requested_rewrite.subject)[-1]
+                                                         for r in records], dtype=np.int8)),
+                "case_id": ("fact", source["case_id"].values),
+            },
+            coords={"fact": source["fact"].values},
+        )
+        ds["cosine"].attrs["long_name"] = "cosine of the plain prompt's key and the key averaged over the prefixes"
+        ds["last_token_differs"].attrs["long_name"] = "the subject's last token differs with and without a leading space"
+        ds["share"].attrs["long_name"] = "u^T k / u^T k_avg, u = C^-1 k_avg: share of r-ROME's update the plain prompt gets"
+        editors = []
+        for path in sorted(Path(from_root(params.run)).parent.glob("efficacy_*.nc")):
+            other = store.read_netcdf(path)
+            if (other.attrs.get("model") == p["model"]
+                    and [int(c) for c in other["case_id"].values] == [r.case_id for r in records]):
+                ds[f"es_{other.attrs['editor']}"] = ("fact", other["es"].values)
+                editors.append(other.attrs["editor"])
+        return run.finish(
+            ds, str(lm.device), model=p["model"], editor=params.editor, source_run=params.run,
+            hparams=dataclasses.asdict(editor.hp), templates=json.dumps(editor.templates),
+            es_editors=json.dumps(editors),
+        )
+
+    return execute(params, body, overwrite)
 
 
 def key_agreement(lm, editor, record: Record) -> dict[str, float]:

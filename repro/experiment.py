@@ -26,8 +26,8 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
-from .params import check_types
 from . import memory, store
+from .lifecycle import Run, execute
 from .data.counterfact import EditRequest, Record, load_records, to_request
 from .data.text import load_text
 from .editors import make_editor
@@ -160,19 +160,12 @@ def _edit_scores(lm: LoadedModel, reqs: list[EditRequest]) -> tuple[np.ndarray, 
 
 def run_sequential(params: SequentialParams, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
     """Run (or resume, or reuse) a sequential editing run and return its Dataset."""
-    check_types(params)  # types first (the Python API too), then ranges
-    params.validate()
-    overwrite = store.parse_bool(overwrite, "overwrite")
-    output = from_root(params.output)
-    pdict = params.as_dict()
-    done = store.existing_run(output, pdict, overwrite)
-    if done is not None:
-        return done
-    with store.RunLock(output):
-        return _run(params, output, pdict, progress)
+    return execute(params, lambda run: _run(params, run, progress), overwrite, record=params.as_dict(),
+                   same_params=same_params)
 
 
-def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) -> xr.Dataset:
+def _run(params: SequentialParams, run: Run, progress: bool) -> xr.Dataset:
+    output, pdict = run.output, run.params
     # the facts first: a bad facts file or too short a split fails before the model loads
     all_records = load_records(from_root(params.facts))
     try:
@@ -187,7 +180,6 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
         print(memory.describe(memory.estimate(lm, editor, params.n_edits), lm), flush=True)
     editor.prepare()  # statistics and prefixes from the unedited model, also when resuming
     edited = editor.edited_matrices()
-    state_file = store.state_path(output)
     weight = lambda l, m: lm.spec.weight(lm.model, l, m)  # noqa: E731
     probe = CollapseProbe(lm, load_text("test"), edited, CollapseParams(**params.collapse))
 
@@ -195,16 +187,13 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
     weights0 = copy_weights(lm, edited, cpu=True)
     state = {"params": pdict, "done": 0, "rows": [], "norm_steps": [], "norms": [], "drift": [],
              "elapsed": 0.0, "measures": [], "measure_seconds": 0.0, "weights0": weights0}
-    saved = store.load_state(state_file)  # a damaged file is moved aside: the run starts over
+    saved = run.resume()  # None also for a damaged file (moved aside) or other parameters
     if saved is not None:
-        if same_params(saved["params"], pdict):
-            state = saved
-            state.setdefault("weights0", weights0)
-            put_weights(lm, edited, saved["weights"])
-            editor.load_state_dict(saved["editor"])
-            log.info("resuming %s after %d edits", output.name, state["done"])
-        else:
-            log.warning("ignoring %s: it was made with other parameters", state_file)
+        state = saved
+        state.setdefault("weights0", weights0)
+        put_weights(lm, edited, saved["weights"])
+        editor.load_state_dict(saved["editor"])
+        log.info("%s: %d edits done", output.name, state["done"])
     # the commit each stretch of the run was made with (a long run may be resumed several times)
     state.setdefault("git_shas", []).append(store.git_sha())
     state["device"] = str(lm.device)
@@ -213,7 +202,6 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
                      stop_reason="completed")
     else:
         probe.set_reference(state["probe_ref"])
-    t0 = time.perf_counter() - state["elapsed"]
 
     measurer = None
     if params.measure_every or params.measure_at:
@@ -235,11 +223,10 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
         state["measure_seconds"] += time.perf_counter() - t
 
     def checkpoint():
-        state["elapsed"] = time.perf_counter() - t0
         state["weights"] = copy_weights(lm, edited, cpu=True)
         state["editor"] = editor.state_dict()
         # the unedited weights are those of the loaded model: not saved (smaller state files)
-        store.save_state(state_file, {k: v for k, v in state.items() if k != "weights0"})
+        run.save({k: v for k, v in state.items() if k != "weights0"})
 
     def record_norms():
         state["norm_steps"].append(state["done"])
@@ -315,19 +302,15 @@ def _run(params: SequentialParams, output: Path, pdict: dict, progress: bool) ->
     else:
         final_new, final_true = _edit_scores(lm, requests[:n_done])
     ds = _to_dataset(state, lm.n_layers, list(lm.spec.matrices), edited, final_new, final_true)
-    ds.attrs.update(store.provenance(
-        pdict, str(lm.device), run_id=output.stem, model=params.model, editor=params.editor,
+    return run.finish(
+        ds, str(lm.device), model=params.model, editor=params.editor,
         edited_matrices=[f"{l}:{m}" for l, m in edited], facts_file=params.facts,
         hparams=dataclasses.asdict(editor.hp) if dataclasses.is_dataclass(editor.hp) else {},
-        wall_time_s=round(time.perf_counter() - t0, 2),
         measure_time_s=round(state["measure_seconds"], 2),
         measure_params=dataclasses.asdict(measurer.params) if measurer is not None else {},
         collapse_rule=probe.params.rule(), collapse_params=dataclasses.asdict(probe.params),
         stop_reason=state["stop_reason"], n_edits_done=n_done, git_shas_by_segment=state["git_shas"],
-    ))
-    store.write_netcdf(ds, output)
-    state_file.unlink(missing_ok=True)
-    return ds
+    )
 
 
 def _to_dataset(state: dict, n_layers: int, matrices: list[str], edited, final_new, final_true) -> xr.Dataset:

@@ -13,6 +13,7 @@ from tqdm import tqdm
 from .data.counterfact import Record, to_request
 from .editors import make_editor
 from .measure.rewrite import harmonic_mean, record_scores
+from .lifecycle import Run, execute
 from .models import LoadedModel, copy_weights, put_weights
 
 
@@ -48,26 +49,60 @@ class LayerSweepParams:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "output"}
 
 
+def run_layer_sweep(params: LayerSweepParams, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
+    """Run (or resume, or reuse) a layer sweep and return its Dataset: the facts of ``params``
+    edited one at a time at each candidate layer (:func:`sweep_layers`), stored with provenance."""
+
+    def body(run: Run) -> xr.Dataset:
+        from .data.counterfact import load_records
+        from .experiment import select_records
+        from .models import load_model
+        from .paths import from_root
+
+        lm = load_model(params.model, device=params.device)
+        records = select_records(load_records(from_root(params.facts)), params.n_facts, params.seed, params.split)
+        ds = sweep_layers(lm, records, params.layers, params.editor, params.hparams, progress=progress, run=run)
+        return run.finish(ds, str(lm.device), model=params.model, editor=params.editor)
+
+    return execute(params, body, overwrite, record=params.as_dict())
+
+
 def sweep_layers(
     lm: LoadedModel, records: list[Record], layers: list[int], editor: str = "rome",
-    hparams: dict | None = None, progress: bool = True,
+    hparams: dict | None = None, progress: bool = True, run: Run | None = None,
 ) -> xr.Dataset:
-    """Scores (layer, fact) of editing each fact alone at each layer, plus the unedited scores."""
+    """Scores (layer, fact) of editing each fact alone at each layer, plus the unedited scores.
+    With ``run`` the scores so far (and the editor's state) are saved after every fact, and a
+    sweep resumes where it stopped."""
     base = record_scores(lm, records)
     shape = (len(layers), len(records))
     es, ps, ns, secs = (np.zeros(shape) for _ in range(4))
-    bar = tqdm(total=shape[0] * shape[1], desc="layer sweep", disable=not progress)
+    saved = run.resume() if run is not None else None
+    done = 0  # facts done, counted over (layer, fact) in order
+    if saved is not None:
+        es, ps, ns, secs = (np.asarray(saved[k]) for k in ("es", "ps", "ns", "secs"))
+        done = saved["done"]
+    bar = tqdm(total=shape[0] * shape[1], initial=done, desc="layer sweep", disable=not progress)
     for i, layer in enumerate(layers):
+        if (i + 1) * len(records) <= done:
+            continue
         ed = make_editor(editor, lm, **{**(hparams or {}), "layer": layer})
         matrices = ed.edited_matrices()
         w0 = copy_weights(lm, matrices)
+        if saved is not None and done > i * len(records):
+            ed.load_state_dict(saved["editor"])  # resuming inside this layer
         for j, rec in enumerate(records):
+            if i * len(records) + j < done:
+                continue
             t = time.perf_counter()
             ed.apply([to_request(rec)])
             secs[i, j] = time.perf_counter() - t
             s = record_scores(lm, [rec])
             es[i, j], ps[i, j], ns[i, j] = s["es"][0], s["ps"][0], s["ns"][0]
             put_weights(lm, matrices, w0)
+            done += 1
+            if run is not None:
+                run.save({"done": done, "es": es, "ps": ps, "ns": ns, "secs": secs, "editor": ed.state_dict()})
             bar.update()
     bar.close()
     ds = xr.Dataset(

@@ -36,8 +36,10 @@ class Overwrite:
 
 @dataclass
 class MENDEval:
-    """Notebook-only (train_mend): evaluation-split facts edited one at a time at the end."""
+    """Notebook-only (train_mend): evaluation-split facts edited one at a time at the end, and
+    whether to replace a finished training made with other parameters."""
     n_eval: int = 20
+    overwrite: bool = False
 
     def validate(self) -> None:
         if self.n_eval < 0:

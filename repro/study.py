@@ -221,7 +221,7 @@ def execute(run: Run, force: bool = False) -> None:
     from .params import accepts
 
     params = dict(run.parameters)
-    if force and accepts(run.notebook, "overwrite"):  # train_mend always rewrites its outputs
+    if force and accepts(run.notebook, "overwrite"):
         params["overwrite"] = True
     run.executed.parent.mkdir(parents=True, exist_ok=True)
     tmp = run.executed.with_name(f".{run.executed.name}.tmp.ipynb")

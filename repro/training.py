@@ -57,15 +57,13 @@ import time
 import warnings
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
 from tqdm import tqdm
 
-from .params import check_types
-from . import store
+from .lifecycle import Run, execute
 from .data.counterfact import Record, load_records
 from .data.text import load_text
 from .models import LoadedModel, load_model
@@ -547,39 +545,30 @@ HISTORY = ("rec_step", "weight_norm", "delta_norm", "embed_norm", "train_loss", 
 
 def run_training(params: TrainParams, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
     """Run (or resume, or reuse) a post-training run and return its Dataset (see module docs)."""
-    check_types(params)  # types first (the Python API too), then ranges
-    params.validate()
-    output = from_root(params.output)
-    pdict = params.as_dict()
-    done = store.existing_run(output, pdict, overwrite)
-    if done is not None:
-        return done
+    return execute(params, lambda run: _run(params, run, progress), overwrite, record=params.as_dict())
 
+
+def _run(params: TrainParams, run: Run, progress: bool) -> xr.Dataset:
     torch.manual_seed(params.seed)
     lm = load_model(params.model, device=params.device)
     data = build_data(lm, params)
     named = prepare_model(lm, params)  # changes no weight: adapters start with B = 0
     recorder = NormRecorder(lm)
     opt = make_optimizer(named, params)
-    state_file = store.state_path(output)
 
-    state = {"params": pdict, "done": 0, "hist": {k: [] for k in HISTORY}, "elapsed": 0.0}
-    saved = store.load_state(state_file)
+    state = {"done": 0, "hist": {k: [] for k in HISTORY}}
+    saved = run.resume()
     if saved is not None:
-        if saved["params"] == pdict:
-            with torch.no_grad():
-                for name, p in named:
-                    p.copy_(saved["trainable"][name].to(p.device))
-            opt.load_state_dict(saved["opt"])
-            torch.set_rng_state(saved["rng"])
-            if saved.get("cuda_rng") is not None and lm.device.type == "cuda":
-                torch.cuda.set_rng_state(saved["cuda_rng"], lm.device)
-            state = {k: saved[k] for k in ("params", "done", "hist", "elapsed")}
-            log.info("resuming %s after %d steps", output.name, state["done"])
-        else:
-            log.warning("ignoring %s: it was made with other parameters", state_file)
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(saved["trainable"][name].to(p.device))
+        opt.load_state_dict(saved["opt"])
+        torch.set_rng_state(saved["rng"])
+        if saved.get("cuda_rng") is not None and lm.device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"], lm.device)
+        state = {k: saved[k] for k in ("done", "hist")}
+        log.info("%s: %d steps done", run.output.name, state["done"])
     hist = state["hist"]
-    t0 = time.perf_counter() - state["elapsed"]
 
     def record(step: int) -> None:
         hist["rec_step"].append(step)
@@ -592,8 +581,7 @@ def run_training(params: TrainParams, overwrite: bool = False, progress: bool = 
             hist[key].append(value)
 
     def checkpoint() -> None:
-        state["elapsed"] = time.perf_counter() - t0
-        store.save_state(state_file, {
+        run.save({
             **state, "trainable": {n: p.detach().cpu().clone() for n, p in named},
             "opt": opt.state_dict(), "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(lm.device) if lm.device.type == "cuda" else None})
@@ -623,8 +611,8 @@ def run_training(params: TrainParams, overwrite: bool = False, progress: bool = 
     bar.close()
 
     ds = _to_dataset(lm, params, hist, recorder)
-    ds.attrs.update(store.provenance(
-        pdict, str(lm.device), run_id=output.stem, model=params.model, intervention=params.intervention,
+    return run.finish(
+        ds, str(lm.device), model=params.model, intervention=params.intervention,
         optimizer=f"AdamW(betas={ADAM_BETAS}, eps={ADAM_EPS}, fused={opt.defaults.get('fused')}, "
                   f"weight_decay={params.weight_decay} on "
                   f">=2-D parameters), lr {params.lr} (linear warmup {params.warmup_steps} steps, then "
@@ -633,11 +621,8 @@ def run_training(params: TrainParams, overwrite: bool = False, progress: bool = 
         n_params=int(sum(p.numel() for p in lm.model.parameters())),
         lora_targets=lora_targets(lm, params) if params.intervention == "lora" else [],
         tokens_per_step=_tokens_per_step(params), data=data.describe, task_template=TASK_TEMPLATE,
-        threads=torch.get_num_threads(), wall_time_s=round(time.perf_counter() - t0, 2),
-    ))
-    store.write_netcdf(ds, output)
-    state_file.unlink(missing_ok=True)
-    return ds
+        threads=torch.get_num_threads(),
+    )
 
 
 def _tokens_per_step(params: TrainParams) -> str:

@@ -18,6 +18,7 @@ from repro.editors.mend_train import (
     MENDTrainParams, meta_loss, sample_step, split_training_records, train_mend,
 )
 from repro.experiment import select_records, split_of
+from repro.lifecycle import Run
 from repro.paths import from_root
 
 FACTS = from_root("data/facts/smollm2-135m.json")
@@ -226,11 +227,12 @@ def test_train_mend_is_seeded_and_reuses_its_checkpoint(tiny, records, tmp_path)
     texts = ["Wikipedia is a free online encyclopedia written by volunteers around the world."]
     net1, h1 = train_mend(tiny, hp, records, cfg, texts=texts, progress=False)
     assert len(h1["loss"]) == 3 and h1["val_step"] == [0, 2, 3]
-    state = tmp_path / "state.pt"
-    net2, h2 = train_mend(tiny, hp, records, cfg, state_file=state, texts=texts, progress=False)
+    run = Run(tmp_path / "train.nc", cfg.as_dict())
+    net2, h2 = train_mend(tiny, hp, records, cfg, run=run, texts=texts, progress=False)
     assert h2["loss"] == h1["loss"]  # seeded: same batches, same initialisation
-    assert state.exists()
-    net3, h3 = train_mend(tiny, hp, records, cfg, state_file=state, texts=texts, progress=False)
+    assert run.state_file.exists()
+    run = Run(tmp_path / "train.nc", cfg.as_dict())
+    net3, h3 = train_mend(tiny, hp, records, cfg, run=run, texts=texts, progress=False)
     assert h3["loss"] == h1["loss"] and len(h3["seconds"]) == 3  # resumed at the end: nothing redone
     for (n, a), (_, b) in zip(net2.state_dict().items(), net3.state_dict().items()):
         assert torch.equal(a, b), n

@@ -47,7 +47,7 @@ def test_parameters_cell_is_the_params_dataclass(notebook):
 
 def test_notebook_only_parameters_are_few():
     extras = {extra for _, extra in P.NOTEBOOKS.values()}
-    assert sum(len(dataclasses.fields(e)) for e in extras) <= 2
+    assert len({f.name for e in extras for f in dataclasses.fields(e)}) <= 2  # overwrite, n_eval
     for notebook in P.NOTEBOOKS:  # never a dataclass field under another role
         cls, extra = P.params_class(notebook)
         assert not {f.name for f in dataclasses.fields(cls)} & {f.name for f in dataclasses.fields(extra)}
@@ -202,7 +202,7 @@ def test_the_study_checks_every_entry_before_running_any(tmp_path, monkeypatch, 
         "  - {id: good, notebook: notebooks/sequential_editing.ipynb, parameters: {n_edits: 3, output: a.nc}}\n"
         "  - {id: bad1, notebook: notebooks/sequential_editing.ipynb, parameters: {n_edits: '2', output: b.nc}}\n"
         "  - {id: bad2, notebook: notebooks/single_edit_efficacy.ipynb, parameters: {n_facts: 0, output: c.nc}}\n"
-        "  - {id: bad3, notebook: notebooks/train_mend.ipynb, parameters: {steps: 3, overwrite: true, output: d.nc}}\n")
+        "  - {id: bad3, notebook: notebooks/train_mend.ipynb, parameters: {steps: 3, n_facts: 2, output: d.nc}}\n")
     monkeypatch.setattr(study, "PROFILES", prof)
     monkeypatch.setattr(study, "EXECUTED", tmp_path)
     monkeypatch.setattr(study, "execute", lambda *a, **k: pytest.fail("executed a run before checking all"))
@@ -211,10 +211,10 @@ def test_the_study_checks_every_entry_before_running_any(tmp_path, monkeypatch, 
     assert "3 run(s)" in err and "good" not in err
     assert "bad1: SequentialParams: n_edits must be an integer, got '2'" in err
     assert "bad2: n_facts and save_every must be >= 1" in err
-    assert "bad3: MENDTrainParams: unknown parameter 'overwrite'" in err
+    assert "bad3: MENDTrainParams: unknown parameter 'n_facts'" in err
 
 
-def test_force_passes_overwrite_only_to_notebooks_that_take_it(monkeypatch, tmp_path):
+def test_force_passes_overwrite_to_every_kind_of_run(monkeypatch, tmp_path):
     import papermill
 
     seen = {}
@@ -226,7 +226,8 @@ def test_force_passes_overwrite_only_to_notebooks_that_take_it(monkeypatch, tmp_
         (tmp_path / f".{notebook}.ipynb.tmp.ipynb").write_text("{}")
         study.execute(run, force=True)
     assert seen == {"sequential_editing.ipynb": {"output": "x.nc", "overwrite": True},
-                    "train_mend.ipynb": {"output": "x.nc"}}
+                    "train_mend.ipynb": {"output": "x.nc", "overwrite": True}}
+    assert all(P.accepts(notebook, "overwrite") for notebook in P.NOTEBOOKS)  # one lifecycle: all reuse
 
 
 def test_the_python_api_checks_types_as_notebooks_do(tmp_path):

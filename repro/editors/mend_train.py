@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
+
 import random
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +33,7 @@ import xarray as xr
 from tqdm import tqdm
 
 from .. import store
-from ..params import check_types
+from ..lifecycle import Run, execute
 from ..data.counterfact import Record, load_records, to_request
 from ..experiment import split_of
 from ..measure.rewrite import record_scores
@@ -44,7 +43,7 @@ from .base import load_hparams
 from .locate import PromptBatch, encode_rows
 from .mend import (
     MEND, MENDHyperParams, MENDNet, gradient_factors, matrix_key, resolve_matrices, row_nll,
-    save_mend, target_batch,
+    load_mend, save_mend, target_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -329,14 +328,15 @@ def initial_network(lm: LoadedModel, hparams: MENDHyperParams, records: list[Rec
 
 def train_mend(
     lm: LoadedModel, hparams: MENDHyperParams, records: list[Record], cfg: MENDTrainParams,
-    state_file: str | Path | None = None, texts: list[str] | None = None, progress: bool = True,
+    run: Run | None = None, texts: list[str] | None = None, progress: bool = True,
 ) -> tuple[MENDNet, dict]:
     """Meta-train a MEND network for ``lm`` on the training-split ``records``.
 
     Returns the network and the history: per step ``loss``, ``edit_loss``, ``loc_loss``,
     ``edit_success`` (paraphrases), ``rewrite_success``, ``delta_norm``, ``alpha`` (per matrix),
     ``seconds``; per validation point ``val_step`` and ``val_<metric>`` (see :func:`validate`),
-    step 0 being the untrained network. With ``state_file`` the run checkpoints there and resumes.
+    step 0 being the untrained network. With ``run`` (:class:`repro.lifecycle.Run`) the training checkpoints to
+    its state file and resumes from it.
     """
     if any(split_of(r) != "train" for r in records):
         records = [r for r in records if split_of(r) == "train"]  # never meta-train on eval facts
@@ -353,28 +353,19 @@ def train_mend(
     hist: dict[str, list] = {k: [] for k in (
         "loss", "edit_loss", "loc_loss", "edit_success", "rewrite_success", "delta_norm", "alpha", "seconds",
         "val_step", "val_es", "val_ps", "val_ns", "val_edit_loss", "val_loc_loss")}
-    done, elapsed = 0, 0.0
-    pdict = cfg.as_dict()
-    state_file = Path(state_file) if state_file else None
-    if state_file is not None and state_file.exists():
-        saved = torch.load(state_file, map_location="cpu", weights_only=False)
-        if saved["params"] == pdict and saved["hparams"] == dataclasses.asdict(hparams):
-            net.load_state_dict(saved["net"])
-            opt.load_state_dict(saved["opt"])
-            hist, done, elapsed = saved["hist"], saved["done"], saved["elapsed"]
-            log.info("resuming MEND training after %d steps", done)
-        else:
-            log.warning("ignoring %s: it was made with other parameters", state_file)
+    done, t0 = 0, time.perf_counter()
+    hp_dict = dataclasses.asdict(hparams)
+    saved = run.resume(check=lambda st: st.get("hparams") == hp_dict) if run is not None else None
+    if saved is not None:
+        net.load_state_dict(saved["net"])
+        opt.load_state_dict(saved["opt"])
+        hist, done = saved["hist"], saved["done"]
+        log.info("MEND training: %d steps done", done)
 
     def checkpoint():
-        if state_file is None:
-            return
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_file.with_name(f".{state_file.name}.{os.getpid()}.tmp")
-        torch.save({"params": pdict, "hparams": dataclasses.asdict(hparams), "net": net.state_dict(),
-                    "opt": opt.state_dict(), "hist": hist, "done": done,
-                    "elapsed": elapsed + time.perf_counter() - t0}, tmp)
-        os.replace(tmp, state_file)
+        if run is not None:
+            run.save({"hparams": hp_dict, "net": net.state_dict(), "opt": opt.state_dict(), "hist": hist,
+                      "done": done})
 
     def run_validation(step):
         if not val_recs:
@@ -386,7 +377,6 @@ def train_mend(
             hist[f"val_{key}"].append(value)
         log.info("step %d validation %s", step, scores)
 
-    t0 = time.perf_counter()
     if done == 0:
         warm_up_statistics(lm, net, matrices, pool, cfg)  # so that the first steps see standardised inputs
         run_validation(0)
@@ -413,7 +403,7 @@ def train_mend(
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
             checkpoint()
     bar.close()
-    hist["wall_time_s"] = elapsed + time.perf_counter() - t0
+    hist["wall_time_s"] = run.elapsed() if run is not None else time.perf_counter() - t0
     net.eval()
     return net, hist
 
@@ -434,30 +424,41 @@ def history_dataset(hist: dict, matrices: list[tuple[int, str]]) -> xr.Dataset:
     return ds
 
 
-def run_training(cfg: MENDTrainParams, progress: bool = True) -> tuple[xr.Dataset, MENDNet, LoadedModel]:
-    """Load the model and the facts, meta-train, save the weights and the training curve."""
-    from ..data.text import load_text
+def run_training(cfg: MENDTrainParams, overwrite: bool = False,
+                 progress: bool = True) -> tuple[xr.Dataset, MENDNet, LoadedModel]:
+    """Load the model and the facts, meta-train, save the weights and the training curve; return
+    the curve, the network and the model. A finished run with the same parameters is reused: its
+    network is read back from ``cfg.weights``."""
+    made: dict = {}
 
-    check_types(cfg)  # types first (the Python API too), then ranges
-    cfg.validate()
-    lm = load_model(cfg.model, device=cfg.device)
-    hp = load_hparams(MENDHyperParams, "mend", lm, cfg.hparams)
-    records = [r for r in load_records(from_root(cfg.facts)) if split_of(r) == "train"]
-    output = from_root(cfg.output)
-    state_file = output.with_name(output.name + ".state.pt")
-    net, hist = train_mend(lm, hp, records, cfg, state_file=state_file, texts=load_text("train"), progress=progress)
-    matrices = resolve_matrices(lm, hp)
-    ds = history_dataset(hist, matrices)
-    ds.attrs.update(store.provenance(
-        cfg.as_dict(), str(lm.device), run_id=output.stem, model=cfg.model, editor="mend",
-        edited_matrices=[matrix_key(l, m) for l, m in matrices], hparams=dataclasses.asdict(hp),
-        facts_file=cfg.facts, wall_time_s=round(hist["wall_time_s"], 2),
-    ))
-    save_mend(cfg.weights, net, hp, lm.name, train_params=cfg.as_dict(), git_sha=ds.attrs["git_sha"],
-              final={k: float(ds[k][-20:].mean()) for k in ("loss", "edit_loss", "loc_loss", "edit_success")})
-    store.write_netcdf(ds, output)
-    state_file.unlink(missing_ok=True)
-    return ds, net, lm
+    def body(run: Run) -> xr.Dataset:
+        from ..data.text import load_text
+
+        lm = load_model(cfg.model, device=cfg.device)
+        hp = load_hparams(MENDHyperParams, "mend", lm, cfg.hparams)
+        records = [r for r in load_records(from_root(cfg.facts)) if split_of(r) == "train"]
+        net, hist = train_mend(lm, hp, records, cfg, run=run, texts=load_text("train"), progress=progress)
+        matrices = resolve_matrices(lm, hp)
+        ds = history_dataset(hist, matrices)
+        made.update(net=net, lm=lm)
+        sha = store.git_sha()
+        save_mend(cfg.weights, net, hp, lm.name, train_params=cfg.as_dict(), git_sha=sha,
+                  final={k: float(ds[k][-20:].mean()) for k in ("loss", "edit_loss", "loc_loss", "edit_success")})
+        return run.finish(
+            ds, str(lm.device), wall_time=False, model=cfg.model, editor="mend",
+            edited_matrices=[matrix_key(l, m) for l, m in matrices], hparams=dataclasses.asdict(hp),
+            facts_file=cfg.facts, wall_time_s=round(hist["wall_time_s"], 2),
+        )
+
+    ds = execute(cfg, body, overwrite, record=cfg.as_dict())
+    if made:
+        return ds, made["net"], made["lm"]
+    lm = load_model(cfg.model, device=cfg.device)  # reused: the network the run saved
+    net, blob = load_mend(cfg.weights, lm)
+    if blob.get("meta", {}).get("train_params") != cfg.as_dict():
+        raise ValueError(f"{cfg.weights} was not saved by the finished run {cfg.output} (other training "
+                         f"parameters): rerun it with overwrite=True")
+    return ds, net.eval(), lm
 
 
 # --------------------------------------------------------------------------------------------
