@@ -55,7 +55,7 @@ def main(argv=None) -> None:
 
     from repro.data.counterfact import load_records
     from repro.editors import make_editor
-    from repro.experiment import held_out_records, select_records
+    from repro.data.splits import held_out_records, select_records
     from repro.measure.checkpoint import PARTS, MeasureParams, Measurer
     from repro.measure.quality import edit_quality
     from repro.models import load_model

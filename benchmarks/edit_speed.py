@@ -49,7 +49,7 @@ def one_config(model: str, editor: str, early_stop: str | None, n_edits: int, se
 
     from repro.data.counterfact import load_records
     from repro.editors import make_editor
-    from repro.experiment import select_requests
+    from repro.data.splits import select_requests
     from repro.models import load_model
 
     lm = load_model(model, dtype=_dtype())
@@ -97,7 +97,7 @@ def values_config(model: str, editor: str, joint: bool, n: int, steps: int | Non
 
     from repro.data.counterfact import load_records
     from repro.editors import make_editor
-    from repro.experiment import select_requests
+    from repro.data.splits import select_requests
     from repro.models import load_model
 
     lm = load_model(model, dtype=_dtype())

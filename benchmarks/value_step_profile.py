@@ -63,7 +63,7 @@ def main(argv=None) -> None:
     from repro.editors import make_editor
     from repro.editors.locate import logits_at, make_batch
     from repro.editors.prefix import frozen_prefix
-    from repro.experiment import select_requests
+    from repro.data.splits import select_requests
     from repro.hooks import edit_output
     from repro.models import load_model
 

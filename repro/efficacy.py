@@ -19,7 +19,7 @@ from tqdm import tqdm
 from .lifecycle import Run, execute
 from .data.counterfact import Record, load_records, to_request
 from .editors import make_editor
-from .experiment import SPLITS, select_records
+from .data.splits import SPLITS, select_records
 from .measure.rewrite import harmonic_mean, record_scores
 from .models import copy_weights, load_model, put_weights
 from .paths import from_root

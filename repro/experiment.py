@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +27,8 @@ from tqdm import tqdm
 
 from . import memory, store
 from .lifecycle import Run, execute
-from .data.counterfact import EditRequest, Record, load_records, to_request
+from .data.counterfact import EditRequest, load_records, to_request
+from .data.splits import SPLITS, held_out_records, select_records
 from .data.text import load_text
 from .editors import make_editor
 from .editors.registry import check_overrides
@@ -39,7 +39,6 @@ from .models import DTYPES, LoadedModel, copy_weights, load_model, put_weights
 from .paths import from_root
 
 log = logging.getLogger(__name__)
-SPLITS = ("eval", "train")
 
 
 @dataclass
@@ -102,46 +101,6 @@ def same_params(saved: dict, current: dict) -> bool:
     extra = set(current) - set(saved)
     return (all(saved[k] == current.get(k) for k in saved)
             and all(current[k] == defaults.get(k) for k in extra))
-
-
-def split_of(record: Record) -> str:
-    """Fixed split by case id: every fifth case is for training (meta-learned editors)."""
-    return "train" if record.case_id % 5 == 0 else "eval"
-
-
-def select_records(records: list[Record], n: int, seed: int, split: str = "eval") -> list[Record]:
-    """``n`` records of ``split`` in a seeded random order, at most one per subject (editing the
-    same subject twice in a sequence would overwrite rather than add)."""
-    pool = [r for r in records if split_of(r) == split]
-    random.Random(seed).shuffle(pool)
-    chosen, subjects = [], set()
-    for rec in pool:
-        subj = rec.requested_rewrite.subject
-        if subj not in subjects:
-            subjects.add(subj)
-            chosen.append(rec)
-        if len(chosen) == n:
-            return chosen
-    raise ValueError(f"only {len(chosen)} distinct-subject facts in split {split!r}, {n} requested")
-
-
-def select_requests(records: list[Record], n: int, seed: int, split: str = "eval") -> list[EditRequest]:
-    """The edit requests of :func:`select_records`."""
-    return [to_request(r) for r in select_records(records, n, seed, split)]
-
-
-def held_out_records(records: list[Record], chosen: list[Record], n: int, seed: int,
-                     split: str = "eval") -> list[Record]:
-    """``n`` records of ``split`` that a run never edits (no chosen case and no chosen subject), in a
-    seeded order: the unedited facts whose recall a run measures."""
-    cases = {r.case_id for r in chosen}
-    subjects = {r.requested_rewrite.subject for r in chosen}
-    pool = [r for r in records if split_of(r) == split and r.case_id not in cases
-            and r.requested_rewrite.subject not in subjects]
-    random.Random(f"held-out-{seed}").shuffle(pool)
-    if len(pool) < n:
-        raise ValueError(f"only {len(pool)} unedited facts in split {split!r}, {n} requested")
-    return pool[:n]
 
 
 def _crossed(done: int, batch: int, every: int) -> bool:

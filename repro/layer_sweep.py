@@ -33,7 +33,7 @@ class LayerSweepParams:
     device: str | None = None
 
     def validate(self) -> None:
-        from .experiment import SPLITS
+        from .data.splits import SPLITS
 
         if self.n_facts < 1:
             raise ValueError(f"n_facts must be >= 1, got {self.n_facts}")
@@ -55,7 +55,7 @@ def run_layer_sweep(params: LayerSweepParams, overwrite: bool = False, progress:
 
     def body(run: Run) -> xr.Dataset:
         from .data.counterfact import load_records
-        from .experiment import select_records
+        from .data.splits import select_records
         from .models import load_model
         from .paths import from_root
 

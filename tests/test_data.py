@@ -204,7 +204,7 @@ def test_long_facts_never_use_an_edited_subject_as_neighbor(long_facts: tuple[li
 
 
 def test_long_facts_fit_a_3000_edit_run(long_facts: tuple[list[Record], int]) -> None:
-    from repro.experiment import held_out_records, select_records, split_of
+    from repro.data.splits import held_out_records, select_records, split_of
 
     records, least = long_facts
     n = 3000 if least >= 5000 else 1000

@@ -8,7 +8,9 @@ import pytest
 import xarray as xr
 
 from repro import experiment
-from repro.experiment import SequentialParams, run_sequential, select_requests
+from repro.data import splits
+from repro.experiment import SequentialParams, run_sequential
+from repro.data.splits import select_requests
 from repro.data.counterfact import load_records
 from repro.paths import from_root
 
@@ -69,14 +71,14 @@ def test_measure_options_need_measure_every(tmp_path):
 
 def test_held_out_facts_are_never_edited():
     records = load_records(from_root("data/facts/smollm2-135m.json"))
-    chosen = experiment.select_records(records, 40, seed=3)
-    held = experiment.held_out_records(records, chosen, 50, seed=3)
-    assert len(held) == 50 and held == experiment.held_out_records(records, chosen, 50, seed=3)
+    chosen = splits.select_records(records, 40, seed=3)
+    held = splits.held_out_records(records, chosen, 50, seed=3)
+    assert len(held) == 50 and held == splits.held_out_records(records, chosen, 50, seed=3)
     assert {r.case_id for r in held}.isdisjoint(r.case_id for r in chosen)
     assert {r.requested_rewrite.subject for r in held}.isdisjoint(r.requested_rewrite.subject for r in chosen)
-    assert all(experiment.split_of(r) == "eval" for r in held)
+    assert all(splits.split_of(r) == "eval" for r in held)
     with pytest.raises(ValueError, match="unedited facts"):
-        experiment.held_out_records(records, chosen, 10**6, seed=3)
+        splits.held_out_records(records, chosen, 10**6, seed=3)
 
 
 @pytest.mark.parametrize("done,batch,every,expected", [

@@ -8,7 +8,7 @@ import torch
 from repro.data.counterfact import EditRequest, load_records
 from repro.editors.finetune import FTL, FTM, edit_batch, edit_loss
 from repro.editors.lora import LoRAEditor
-from repro.experiment import select_requests
+from repro.data.splits import select_requests
 from repro.measure.rewrite import compare_targets, prefers_new
 from repro.paths import from_root
 

@@ -17,7 +17,7 @@ from repro.editors.mend import (
 from repro.editors.mend_train import (
     MENDTrainParams, meta_loss, sample_step, split_training_records, train_mend,
 )
-from repro.experiment import select_records, split_of
+from repro.data.splits import select_records, split_of
 from repro.lifecycle import Run
 from repro.paths import from_root
 

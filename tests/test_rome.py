@@ -7,7 +7,7 @@ import torch
 
 from repro.data.counterfact import load_records
 from repro.editors import make_editor
-from repro.experiment import select_requests
+from repro.data.splits import select_requests
 from repro.measure.rewrite import compare_targets, prefers_new
 from repro.paths import from_root
 

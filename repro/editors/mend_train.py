@@ -35,7 +35,7 @@ from tqdm import tqdm
 from .. import store
 from ..lifecycle import Run, execute
 from ..data.counterfact import Record, load_records, to_request
-from ..experiment import split_of
+from ..data.splits import split_of
 from ..measure.rewrite import record_scores
 from ..models import LoadedModel, copy_weights, load_model, put_weights
 from ..paths import from_root

@@ -267,7 +267,7 @@ def few_shot_accuracy(
 # --------------------------------------------------------------------------------------------
 def fact_recall(lm: LoadedModel, records: Sequence) -> dict[str, float]:
     """Recall of facts (``Record``s) that were never edited (a run picks them with
-    ``repro.experiment.held_out_records``). On each record's rewrite prompt: ``recall``, the share where the true object is preferred to
+    ``repro.data.splits.held_out_records``). On each record's rewrite prompt: ``recall``, the share where the true object is preferred to
     the counterfactual new object (lower mean token NLL, CounterFact's convention), and
     ``true_nll``, the mean over records of the true object's mean token NLL."""
     if not records:
