@@ -35,6 +35,9 @@ def cache_dir() -> Path:
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+AUTO = "auto"  # device: place the model over all visible devices (accelerate device_map)
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """The device to run on: the argument, else ``$NORMGROWTH_DEVICE``, else CUDA, MPS or CPU."""
     device = device or os.environ.get("NORMGROWTH_DEVICE")
@@ -299,7 +302,7 @@ def copy_weights(lm: LoadedModel, matrices, cpu: bool = False) -> list[torch.Ten
 def put_weights(lm: LoadedModel, matrices, weights) -> None:
     """Copy ``weights`` (as from :func:`copy_weights`, any device) into ``matrices`` in place."""
     for (layer, mtype), w in zip(matrices, weights, strict=True):
-        lm.spec.weight(lm.model, layer, mtype).copy_(w.to(lm.device))
+        lm.spec.weight(lm.model, layer, mtype).copy_(w)  # copy_ crosses devices: each matrix stays put
 
 
 def _dequantize_to_cache(name: str, target: Path) -> None:
@@ -371,18 +374,24 @@ def load_model(
 ) -> LoadedModel:
     """Load a model by packaged short name, local directory or hub id, in eval mode, frozen.
 
-    Raises ``ValueError`` listing the packaged names when ``name`` is none of these.
+    ``device="auto"`` (or ``$NORMGROWTH_DEVICE=auto``) places a model too large for one GPU over
+    all visible devices with accelerate's ``device_map="auto"``; the run's inputs then go to the
+    device of the input embeddings (``LoadedModel.device``), each matrix stays where it was placed
+    and is edited there. Raises ``ValueError`` listing the packaged names when ``name`` is none of
+    these.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dev = resolve_device(device)
+    auto = str(device or os.environ.get("NORMGROWTH_DEVICE") or "") == AUTO
+    dev = None if auto else resolve_device(device)
+    placement = {"device_map": AUTO} if auto else {}
     source = model_source(name)
     if name in PACKAGED and not (Path(source) / "config.json").exists():
         _dequantize_to_cache(name, Path(source))
     # a cached hub id with no hub in reach: read the cache without retrying the network
     local = {"local_files_only": True} if isinstance(source, str) and not _hub_reachable() else {}
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **local)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **placement, **local)
         tok = AutoTokenizer.from_pretrained(source, **local)
     except OSError as err:
         raise ValueError(
@@ -391,6 +400,10 @@ def load_model(
         ) from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    model.to(dev).eval()
+    if auto:
+        dev = model.get_input_embeddings().weight.device
+    else:
+        model.to(dev)
+    model.eval()
     model.requires_grad_(False)
     return LoadedModel(name=name, model=model, tokenizer=tok, spec=spec_for(model), device=dev)

@@ -103,13 +103,14 @@ def second_moment(
 ) -> torch.Tensor:
     """C for one layer's matrix (default: the MLP output matrix), from the disk cache when present.
 
-    Returned as float64 on the model's device. ``texts`` overrides the named corpus (the cache
+    Returned as float64 on the device of the matrix (the model's device, unless the model is
+    placed over several devices). ``texts`` overrides the named corpus (the cache
     key then uses ``corpus`` as given, so name it).
     """
     mtype = mtype or lm.spec.mlp_out
     path = stats_path(lm.name, mtype, layer, corpus, n_tokens, _model_dtype(lm))
     if path.exists():
-        return torch.load(path, map_location=lm.device).double()
+        return torch.load(path, map_location=lm.spec.weight(lm.model, layer, mtype).device).double()
     texts = texts if texts is not None else _load_corpus(corpus)
     C = collect_second_moments(lm, [layer], mtype, texts, n_tokens, progress=progress)[layer]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -155,3 +155,26 @@ def test_packaged_model_loads_with_spec(smollm):
     assert smollm.n_layers == 30
     assert smollm.spec.weight(smollm.model, 0, "mlp_down").shape == (576, 1536)
     assert not any(p.requires_grad for p in smollm.model.parameters())
+
+
+def test_auto_placement_loads_through_accelerate_and_edits_the_same(tiny_dir, monkeypatch, tmp_path):
+    """``device="auto"`` goes through accelerate's device_map placement. Here, with one device, the
+    placement is trivial, so a ROME edit must give the same update as on a plainly loaded model
+    (what this cannot show is a model split over several GPUs: that needs the hardware)."""
+    from repro.data.counterfact import EditRequest
+    from repro.editors import make_editor
+
+    from transformers import AutoModelForCausalLM
+
+    monkeypatch.setenv("NORMGROWTH_CACHE", str(tmp_path / "cache"))
+    seen, real = [], AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: seen.append(k.get("device_map")) or real(*a, **k))
+    placed = load_model(tiny_dir, device="auto")
+    plain = load_model(tiny_dir, device="cpu")
+    assert seen == ["auto", None]
+    assert placed.device == placed.model.get_input_embeddings().weight.device
+    req = EditRequest(case_id=0, prompt="{} is located in", subject="Paris", target_new="Rome", target_true="France")
+    hp = {"layer": 1, "v_steps": 3, "stats_tokens": 2000, "n_prefix_short": 1, "n_prefix_long": 1}
+    deltas = [next(iter(make_editor("rome", lm, **hp).apply([req]).deltas.values())) for lm in (placed, plain)]
+    torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-5, atol=1e-7)
