@@ -1,0 +1,397 @@
+"""The "What the runs show" text of the book's figure pages, generated from the run files.
+
+Every function here is pure: it takes loaded run Datasets (``runs``: ``{run_id: (Dataset, path)}``
+as returned by :func:`repro.measured.measured_runs`, or single Datasets) and returns Markdown (or a
+pandas DataFrame). No number is typed: each one is computed from the files, and each qualitative
+word follows from a rule stated in the text itself. The rules reuse the thresholds of
+:mod:`repro.claims`, so a page and the claims page never judge the same runs differently, and
+*growth* is :func:`repro.claims.growth` (the book's one definition: mean ‖W_N‖ over mean ‖W_0‖ of
+the edited matrices).
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import xarray as xr
+
+from .claims import ACC_DROP, ES_DROP, NORM_FALL, OVERLAP, PPL_RISE, growth
+
+
+# -- small helpers -----------------------------------------------------------------------------
+def _name(ds: xr.Dataset) -> str:
+    from .report import display_name
+
+    return display_name(str(ds.attrs.get("editor")))
+
+
+def join(items) -> str:
+    """"a", "a and b", "a, b and c"; "none" for no items."""
+    items = [str(i) for i in items]
+    if not items:
+        return "none"
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def _edited(ds: xr.Dataset) -> list[str]:
+    pairs = zip(*np.nonzero(ds["edited"].values))
+    return [f"{int(ds['layer'].values[l])}:{ds['matrix'].values[m]}" for l, m in pairs]
+
+
+def edited_label(ds: xr.Dataset) -> str:
+    """The matrices a run edits, e.g. "layer 1 mlp_down" or "layers 3–7 mlp_down"."""
+    cols = _edited(ds)
+    layers = sorted({int(c.split(":")[0]) for c in cols})
+    types = sorted({c.split(":")[1] for c in cols})
+    if len(layers) == 1:
+        where = f"layer {layers[0]}"
+    elif layers == list(range(layers[0], layers[-1] + 1)):
+        where = f"layers {layers[0]}–{layers[-1]}"
+    else:
+        where = "layers " + ", ".join(map(str, layers))
+    return f"{where} {'/'.join(types)}"
+
+
+def _ckpt(ds: xr.Dataset, i: int) -> int:
+    return int(ds["ckpt"].values[i])
+
+
+def _spearman(x, y) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic) if len(x) >= 2 else float("nan")
+
+
+def measurement_note(runs: dict) -> str:
+    """Which runs are measured and when, e.g. "The 10 runs of 100 edits are measured before the
+    first edit and after 20, 40, 60, 80 and 100 edits (checkpoint measurements of the run files)."""
+    if not runs:
+        return "No run has checkpoint measurements yet."
+    lengths = sorted({_ckpt(ds, -1) for ds, _ in runs.values()})
+    schedules = {tuple(int(c) for c in ds["ckpt"].values) for ds, _ in runs.values()}
+    what = f"The {len(runs)} runs of {join(f'{n:,}' for n in lengths)} edits are measured"
+    if len(schedules) == 1:
+        (sched,) = schedules
+        after = [c for c in sched if c > 0]
+        return what + f" before the first edit and after {join(f'{c:,}' for c in after)} edits."
+    return what + " at their checkpoints (before the first edit and every few edits)."
+
+
+# -- F4: downstream abilities -------------------------------------------------------------------
+def downstream_rows(runs: dict) -> list[dict]:
+    """Per run, after the last edit and before the first: perplexity, per-task and mean accuracy,
+    recall of never-edited facts, growth, and whether the run damages the model by claim 3's rule."""
+    rows = []
+    for ds, _ in runs.values():
+        first, last = ds.isel(ckpt=0), ds.isel(ckpt=-1)
+        tasks = [str(t) for t in ds["task"].values] if "task" in ds.dims else []
+        r = {
+            "editor": _name(ds), "matrices": edited_label(ds), "growth": growth(ds),
+            "ppl0": float(first["perplexity"]), "ppl": float(last["perplexity"]),
+            "ppl series": [float(v) for v in ds["perplexity"].values],
+            "acc0": float(first["task_mean_acc"]), "acc": float(last["task_mean_acc"]),
+            "tasks": {t: (float(first["task_acc"].sel(task=t)), float(last["task_acc"].sel(task=t))) for t in tasks},
+            "recall0": float(first["recall"]), "recall": float(last["recall"]),
+        }
+        r["ppl ×"] = r["ppl"] / r["ppl0"]
+        r["why"] = [w for w, hit in (("perplexity", r["ppl ×"] >= PPL_RISE), ("task accuracy", r["acc0"] - r["acc"] >= ACC_DROP),
+                                      ("recall", r["recall0"] - r["recall"] >= ACC_DROP)) if hit]
+        rows.append(r)
+    return rows
+
+
+def downstream_findings(runs: dict) -> str:
+    """F4's "What the runs show": which runs damage the model (claim 3's rule), each run's values
+    against the unedited model's, the runs whose perplexity rises at every checkpoint, and, within
+    each group of runs that edit the same matrices, whether growth orders the perplexity rise."""
+    rows = downstream_rows(runs)
+    if not rows:
+        return "No run has checkpoint measurements yet."
+    rows.sort(key=lambda r: -r["ppl ×"])
+    damaging = [r for r in rows if r["why"]]
+    intact = [r for r in rows if not r["why"]]
+    out = [measurement_note(runs) + " Numbers are after the last edit, the unedited model's (checkpoint 0) in "
+           "brackets; growth is the mean norm of the edited matrices after the last edit over before the first. "
+           f"A run counts as **damaging** when, by the rule of claim 3, its perplexity ends ×{PPL_RISE:g} or more "
+           f"above the unedited model's, or its mean task accuracy or its recall of never-edited facts falls by "
+           f"{ACC_DROP:g} or more. Runs are listed by perplexity rise, largest first.", ""]
+
+    def detail(r, tasks: bool) -> str:
+        s = (f"{r['editor']}: perplexity {r['ppl']:.1f} ({r['ppl0']:.1f}, ×{r['ppl ×']:.2f}), recall "
+             f"{r['recall']:.2f} ({r['recall0']:.2f}), mean task accuracy {r['acc']:.3f} ({r['acc0']:.3f})")
+        if tasks and r["tasks"]:
+            s += " [" + ", ".join(f"{t} {b:.2f} ({a:.2f})" for t, (a, b) in r["tasks"].items()) + "]"
+        return s + f", growth ×{r['growth']:.3f}"
+
+    out.append(f"- **Damaging** ({len(damaging)} of {len(rows)} runs): "
+               + ("; ".join(detail(r, True) + f" — by {join(r['why'])}" for r in damaging) if damaging else "none")
+               + ".")
+    out.append(f"- **Within the rule's bounds** ({len(intact)} of {len(rows)}): "
+               + ("; ".join(detail(r, False) for r in intact) if intact else "none") + ".")
+    rising = [r for r in rows if len(r["ppl series"]) > 2 and np.all(np.diff(r["ppl series"]) > 0)]
+    out.append("- **Perplexity rises at every checkpoint** for "
+               + (join(f"{r['editor']} ({', '.join(f'{v:.1f}' for v in r['ppl series'])})" for r in rising)
+                  if rising else "no run") + ".")
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["matrices"], []).append(r)
+    shared = {k: sorted(v, key=lambda r: -r["growth"]) for k, v in groups.items() if len(v) >= 2}
+    if shared:
+        parts = []
+        for where, g in shared.items():
+            rho = _spearman([r["growth"] for r in g], [r["ppl"] - r["ppl0"] for r in g])
+            order = "the same order" if np.isclose(rho, 1.0) else f"ρ = {rho:.2f}"
+            parts.append(f"on {where}, " + ", ".join(f"{r['editor']} ×{r['growth']:.3f} → {r['ppl'] - r['ppl0']:+.2f}"
+                                                      for r in g) + f" ({order})")
+        rho_all = _spearman([r["growth"] for r in rows], [r["ppl"] - r["ppl0"] for r in rows])
+        out.append("- **Growth against perplexity rise, among runs that edit the same matrices** (growth → "
+                   "perplexity change; rank correlation ρ, 1 when growth orders the rise exactly): "
+                   + "; ".join(parts) + f". Across all {len(rows)} runs ρ = {rho_all:.2f}.")
+    return "\n".join(out)
+
+
+# -- F5: edit quality ---------------------------------------------------------------------------
+def edit_quality_findings(runs: dict) -> str:
+    """F5's text: which runs forget earlier edits (claim 3's editing rule: efficacy over the facts
+    edited so far falls by ES_DROP or more from the first checkpoint after editing to the last),
+    paraphrase and neighborhood success, and generation entropy at the end against the unedited
+    model's (with the lowest checkpoint value where it is lower than the end)."""
+    if not runs:
+        return "No run has checkpoint measurements yet."
+    rows = []
+    for ds, _ in runs.values():
+        if ds.sizes["ckpt"] < 3:
+            continue
+        a, z = ds.isel(ckpt=1), ds.isel(ckpt=-1)
+        ge = ds["gen_entropy_mean"].values
+        low = int(np.nanargmin(ge))
+        rows.append({"editor": _name(ds), "k1": _ckpt(ds, 1), "n": _ckpt(ds, -1),
+                     "es1": float(a["es"]), "es": float(z["es"]), "ps": float(z["ps"]),
+                     "ns1": float(a["ns"]), "ns": float(z["ns"]), "ge0": float(ge[0]), "ge": float(ge[-1]),
+                     "ge low": float(ge[low]), "ge low at": _ckpt(ds, low)})
+    if not rows:
+        return "No run has checkpoints after its first edits yet."
+    k1 = join(sorted({r["k1"] for r in rows}))
+    n = join(sorted({r["n"] for r in rows}))
+    forget = sorted([r for r in rows if r["es1"] - r["es"] >= ES_DROP], key=lambda r: r["es"])
+    keep = sorted([r for r in rows if r["es1"] - r["es"] < ES_DROP], key=lambda r: -r["es"])
+    out = [measurement_note(runs) + f" By the editing rule of claim 3, a run **forgets earlier edits** when "
+           f"efficacy over all facts edited so far falls by {ES_DROP:g} or more from the first checkpoint after "
+           f"editing began ({k1} edits) to the last ({n}).", ""]
+    out.append(f"- **Earlier edits forgotten** ({len(forget)} of {len(rows)} runs): "
+               + ("; ".join(f"{r['editor']} ES {r['es1']:.2f} → {r['es']:.2f}, paraphrase PS {r['ps']:.2f}, "
+                            f"neighborhood NS {r['ns1']:.2f} → {r['ns']:.2f}" for r in forget) if forget else "none")
+               + ".")
+    if keep:
+        out.append(f"- **Efficacy holds within {ES_DROP:g}** ({len(keep)} of {len(rows)}): "
+                   + "; ".join(f"{r['editor']} ES {r['es1']:.2f} → {r['es']:.2f}, PS {r['ps']:.2f}, "
+                               f"NS {r['ns1']:.2f} → {r['ns']:.2f}" for r in keep) + ".")
+        fell = [r for r in keep if r["ns1"] - r["ns"] >= ES_DROP]
+        out.append(f"- **Neighborhood success** (prompts about other subjects keep their true object) falls by "
+                   f"{ES_DROP:g} or more among the runs whose efficacy holds in {len(fell)} of {len(keep)}"
+                   + (f" ({join(r['editor'] for r in fell)})" if fell else "") + ".")
+    ge0 = sorted({round(r["ge0"], 2) for r in rows})
+    by_ge = sorted(rows, key=lambda r: r["ge"])
+    out.append(f"- **Generation entropy** (unedited model: {join(f'{g:.2f}' for g in ge0)} bits), after the last edit, "
+               "lowest first, with the lowest checkpoint value where it was lower than the end: "
+               + ", ".join(f"{r['editor']} {r['ge']:.2f}"
+                           + (f" ({r['ge low']:.2f} after {r['ge low at']} edits)" if r["ge low"] < r["ge"] - 0.005 else "")
+                           for r in by_ge) + ".")
+    return "\n".join(out)
+
+
+def generation_note(ds: xr.Dataset) -> str:
+    """How generation entropy is measured, from the run's ``measure_params``: "a mean over 8
+    continuations of 100 tokens" (empty when the file does not record it)."""
+    p = json.loads(ds.attrs.get("measure_params", "{}"))
+    if "n_gen" not in p or "gen_tokens" not in p:
+        return ""
+    return f"each checkpoint's generation entropy is a mean over {p['n_gen']} continuations of {p['gen_tokens']} tokens"
+
+
+# -- F6: activation norms -----------------------------------------------------------------------
+def activation_rows(runs: dict) -> list[dict]:
+    from .measured import activation_ratio_by_layer, relative_activation_norms
+
+    rows = []
+    for ds, _ in runs.values():
+        rel = relative_activation_norms(ds, ("resid", "attn", "mlp")).isel(ckpt=-1)
+        per = activation_ratio_by_layer(ds, "resid")
+        mlp = activation_ratio_by_layer(ds, "mlp")
+        layers = ds["layer"].values
+        lo, hi, mhi = int(np.nanargmin(per)), int(np.nanargmax(per)), int(np.nanargmax(mlp))
+        rows.append({"editor": _name(ds), "resid": float(rel.sel(site="resid")), "attn": float(rel.sel(site="attn")),
+                     "mlp": float(rel.sel(site="mlp")), "lower": int(np.sum(per < 1)), "layers": int(np.sum(np.isfinite(per))),
+                     "min": float(per[lo]), "min at": int(layers[lo]), "max": float(per[hi]), "max at": int(layers[hi]),
+                     "mlp max": float(mlp[mhi]), "mlp max at": int(layers[mhi]), "matrices": edited_label(ds)})
+    return rows
+
+
+def activation_norm_findings(runs: dict) -> str:
+    """F6's text: the residual stream's mean norm after the last edit relative to the unedited
+    model, per run, sorted into falls (claim 4's rule: at or below NORM_FALL), rises (at or above
+    1/NORM_FALL) and unchanged within that band; and the attention and MLP outputs' means."""
+    rows = sorted(activation_rows(runs), key=lambda r: r["resid"])
+    if not rows:
+        return "No run has checkpoint measurements yet."
+    up = 1 / NORM_FALL
+    fall = [r for r in rows if r["resid"] <= NORM_FALL]
+    rise = [r for r in rows if r["resid"] >= up]
+    same = [r for r in rows if NORM_FALL < r["resid"] < up]
+    band = f"{100 * (1 - NORM_FALL):g} %"
+    out = [measurement_note(runs) + " The residual stream's mean norm after the last edit, relative to the unedited "
+           f"model's on the same probe texts and averaged over layers; by the rule of claim 4 the norms **fall** when "
+           f"that ratio is at or below {NORM_FALL:g}, and here they **rise** when it is at or above {up:.4f} (the same "
+           f"{band} the other way).", ""]
+    out.append(f"- **Fall** ({len(fall)} of {len(rows)} runs): "
+               + ("; ".join(f"{r['editor']} {r['resid']:.3f} (lower at {r['lower']} of {r['layers']} layers, lowest "
+                            f"{r['min']:.3f} at layer {r['min at']})" for r in fall) if fall else "none") + ".")
+    out.append(f"- **Within {band} of the unedited model** ({len(same)} of {len(rows)}): "
+               + ("; ".join(f"{r['editor']} {r['resid']:.3f} (lower at {r['lower']} of {r['layers']} layers)" for r in same)
+                  if same else "none") + ".")
+    out.append(f"- **Rise** ({len(rise)} of {len(rows)}): "
+               + ("; ".join(f"{r['editor']} {r['resid']:.3f} (highest ×{r['max']:.2f} at layer {r['max at']}; MLP output "
+                            f"up to ×{r['mlp max']:.2f}, at layer {r['mlp max at']}; edits {r['matrices']})" for r in rise)
+                  if rise else "none") + ".")
+    for site, what in (("attn", "attention output"), ("mlp", "MLP output")):
+        above = [r for r in rows if r[site] > 1]
+        out.append(f"- The **{what}**, mean over layers, ends above the unedited model's in {len(above)} of {len(rows)} "
+                   f"runs (×{min(r[site] for r in rows):.3f} to ×{max(r[site] for r in rows):.3f}).")
+    return "\n".join(out)
+
+
+# -- F7: subspaces ------------------------------------------------------------------------------
+def subspace_frame(runs: dict, site: str = "resid"):
+    """Per run after the last edit: the edited matrices, mean over layers of the top-k subspace
+    overlap, linear CKA and mean cosine against the unedited model, and the lowest layer's CKA and
+    its layer; sorted by mean CKA, highest first. A pandas DataFrame indexed by editor."""
+    import pandas as pd
+
+    rows = []
+    for ds, _ in runs.values():
+        last = ds.isel(ckpt=-1)
+        cka = last["cka"].sel(site=site)
+        low = int(np.nanargmin(cka.values))
+        rows.append({"editor": _name(ds), "edits": edited_label(ds),
+                     "overlap": float(last["subspace_overlap"].sel(site=site).mean("layer")),
+                     "CKA": float(cka.mean("layer")), "cosine": float(last["act_cosine"].sel(site=site).mean("layer")),
+                     "lowest CKA": float(cka.values[low]), "at layer": int(ds["layer"].values[low])})
+    if not rows:
+        return pd.DataFrame()
+    return pd.DataFrame(rows).set_index("editor").sort_values("CKA", ascending=False)
+
+
+def subspace_findings(runs: dict, site: str = "resid") -> str:
+    """F7's text: claim 4's subspace rule (mean top-k overlap below OVERLAP) per run; which runs'
+    mean CKA falls at every checkpoint and the series of those whose does not; the runs that moved
+    least and most; the spread of CKA among runs that edit the same matrices."""
+    table = subspace_frame(runs, site)
+    if not len(table):
+        return "No run has checkpoint measurements yet."
+    series = {_name(ds): ds["cka"].sel(site=site).mean("layer").values for ds, _ in runs.values()}
+    overlaps = {_name(ds): ds["subspace_overlap"].sel(site=site).mean("layer").values for ds, _ in runs.values()}
+    ckpts = {_name(ds): [int(c) for c in ds["ckpt"].values] for ds, _ in runs.values()}
+    moved = table[table["overlap"] < OVERLAP].index.tolist()
+    stayed = table[table["overlap"] >= OVERLAP].index.tolist()
+    out = [measurement_note(runs) + f" By the rule of claim 4 the activations **move into other subspaces** when "
+           f"the mean top-10 principal-subspace overlap of the residual stream ends below {OVERLAP:g}.", ""]
+    out.append(f"- **Moved by that rule** ({len(moved)} of {len(table)} runs): "
+               + (join(f"{e} ({table.loc[e, 'overlap']:.3f})" for e in moved)) + "; overlap at or above "
+               f"{OVERLAP:g}: " + join(f"{e} ({table.loc[e, 'overlap']:.3f})" for e in stayed) + ".")
+    steady = [e for e in table.index if np.all(np.diff(series[e]) < 0)]
+    erratic = [e for e in table.index if e not in steady]
+    out.append("- **Mean CKA falls at every checkpoint** for " + join(steady) + "; not for "
+               + join(f"{e} (CKA {', '.join(f'{v:.2f}' for v in series[e][1:])} after "
+                      f"{', '.join(map(str, ckpts[e][1:]))} edits; overlap {overlaps[e][1]:.2f} → {overlaps[e][-1]:.2f})"
+                      for e in erratic) + ".")
+    most, least = table["CKA"].idxmin(), table["CKA"].idxmax()
+    low = table["lowest CKA"].idxmin()
+    out.append(f"- **Least moved** (highest mean CKA): {least} ({table.loc[least, 'CKA']:.3f}); **most moved**: "
+               f"{most} ({table.loc[most, 'CKA']:.3f}); the lowest single layer: {low}'s layer "
+               f"{int(table.loc[low, 'at layer'])} (CKA {table.loc[low, 'lowest CKA']:.3f}).")
+    groups = table.groupby("edits")["CKA"]
+    shared = [(k, g) for k, g in groups if len(g) >= 2]
+    if shared:
+        out.append("- **Runs that edit the same matrices**, mean CKA: "
+                   + "; ".join(f"{k}: " + ", ".join(f"{e} {v:.3f}" for e, v in g.sort_values(ascending=False).items())
+                               for k, g in shared) + ".")
+    return "\n".join(out)
+
+
+# -- F8: the remedy -----------------------------------------------------------------------------
+def _layer_ratios(ds: xr.Dataset):
+    from .report import edited_norms
+
+    en = edited_norms(ds)
+    return {str(c).split(":")[0]: float(en.sel(edited=c).isel(step=-1) / en.sel(edited=c).isel(step=0))
+            for c in en["edited"].values}
+
+
+def remedy_findings(memit: xr.Dataset, encore: xr.Dataset) -> str:
+    """F8's text, ENCORE against MEMIT on the same facts: how far each run's edited matrices moved
+    from their original norm (largest per-layer |ratio − 1|), the mean ‖ΔW‖ per editor call, the
+    value-optimisation steps and seconds per fact, efficacy right after each batch and at the end,
+    and, when both files hold checkpoint measurements, which of the two ends closer to the unedited
+    model on each measured axis."""
+    runs = {"ENCORE": encore, "MEMIT": memit}
+    out = []
+    moved = {}
+    for name, ds in runs.items():
+        ratios = _layer_ratios(ds)
+        layer = max(ratios, key=lambda l: abs(ratios[l] - 1))
+        moved[name] = (abs(ratios[layer] - 1), layer, growth(ds))
+    e, m = moved["ENCORE"], moved["MEMIT"]
+    out.append(f"Norms: ENCORE's edited matrices end within {100 * e[0]:.1f} % of their original norm (largest change "
+               f"at layer {e[1]}; growth ×{e[2]:.4f}), MEMIT's within {100 * m[0]:.1f} % (largest at layer {m[1]}; growth "
+               f"×{m[2]:.4f}). The mean ‖ΔW‖ of an editor call (one batch) is "
+               f"{np.nanmean(encore['delta_norm'].values):.1f} for ENCORE against {np.nanmean(memit['delta_norm'].values):.1f} "
+               f"for MEMIT.")
+    steps = {n: float(np.nanmean(ds["v_steps"].values)) for n, ds in runs.items() if "v_steps" in ds}
+    secs = {n: float(np.nanmean(ds["edit_seconds"].values)) for n, ds in runs.items() if "edit_seconds" in ds}
+    if len(steps) == 2 and len(secs) == 2:
+        faster = min(secs, key=secs.get)
+        out.append(f"Cost: the value optimisation takes {steps['ENCORE']:.1f} steps per fact on average for ENCORE and "
+                   f"{steps['MEMIT']:.1f} for MEMIT; {secs['ENCORE']:.1f} against {secs['MEMIT']:.1f} seconds per "
+                   f"fact, so {faster} is the faster editor in these runs (wall-clock times of the machine that made "
+                   f"them, comparable with each other only).")
+    es = {n: (float(ds["efficacy"].mean()), float(ds["efficacy_final"].mean())) for n, ds in runs.items()}
+    gap_now, gap_end = es["MEMIT"][0] - es["ENCORE"][0], es["MEMIT"][1] - es["ENCORE"][1]
+
+    def who(gap):
+        return "MEMIT ahead" if gap > 0 else ("ENCORE ahead" if gap < 0 else "level")
+
+    out.append(f"Efficacy: {es['ENCORE'][0]:.2f} of ENCORE's edits hold right after their batch against MEMIT's "
+               f"{es['MEMIT'][0]:.2f} ({who(gap_now)}), and {es['ENCORE'][1]:.2f} against {es['MEMIT'][1]:.2f} after "
+               f"the whole sequence ({who(gap_end)}).")
+    if all("ckpt" in ds.dims for ds in runs.values()):
+        from .measured import relative_activation_norms
+
+        def axes(ds):
+            first, last = ds.isel(ckpt=0), ds.isel(ckpt=-1)
+            return {
+                "perplexity": (float(last["perplexity"]), float(first["perplexity"]), "{:.2f}"),
+                "recall of never-edited facts": (float(last["recall"]), float(first["recall"]), "{:.2f}"),
+                "mean task accuracy": (float(last["task_mean_acc"]), float(first["task_mean_acc"]), "{:.3f}"),
+                "generation entropy": (float(last["gen_entropy_mean"]), float(first["gen_entropy_mean"]), "{:.2f}"),
+                "residual-stream norm ratio": (float(relative_activation_norms(ds, ("resid",)).isel(ckpt=-1).sel(site="resid")),
+                                               1.0, "{:.3f}"),
+                "residual CKA": (float(last["cka"].sel(site="resid").mean("layer")), 1.0, "{:.3f}"),
+            }
+
+        ae, am = axes(encore), axes(memit)
+        closer = {"ENCORE": [], "MEMIT": [], "tie": []}
+        parts = []
+        for k, (ve, ref, fmt) in ae.items():
+            vm, refm = am[k][0], am[k][1]
+            de, dm = abs(ve - ref), abs(vm - refm)
+            key = "tie" if np.isclose(de, dm, rtol=0, atol=1e-9) else ("ENCORE" if de < dm else "MEMIT")
+            closer[key].append(k)
+            unedited = "" if k.startswith("residual") else f" ({fmt.format(ref)})"
+            parts.append(f"{k} {fmt.format(ve)} vs {fmt.format(vm)}{unedited}")
+        n = _ckpt(encore, -1)
+        out.append(f"On the measured axes after {n} edits (ENCORE vs MEMIT, the unedited model in brackets; the "
+                   f"activation ratios are 1 when unchanged): " + "; ".join(parts) + f". ENCORE ends closer to the "
+                   f"unedited model on {len(closer['ENCORE'])} of {len(ae)} ({join(closer['ENCORE'])}), MEMIT on "
+                   f"{len(closer['MEMIT'])} ({join(closer['MEMIT'])})"
+                   + (f", equal on {join(closer['tie'])}" if closer["tie"] else "") + ".")
+    return "\n\n".join(out)

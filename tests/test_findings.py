@@ -1,0 +1,157 @@
+"""The generated "What the runs show" text follows the data: on small hand-made run files each
+sentence names the runs its stated rule picks, with the files' numbers, and changing the data
+changes the sentence."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from repro import findings as F
+
+CKPT = np.array([0, 5, 10])
+SITES = ["resid", "attn", "mlp"]
+
+
+def run(editor: str = "rome", growth: float = 1.2, layers=(0,), n: int = 10, ppl=(10.0, 10.1, 10.2),
+        acc=(0.8, 0.8, 0.8), recall=(1.0, 1.0, 1.0), es=(np.nan, 1.0, 1.0), ns=(np.nan, 0.9, 0.9),
+        ge=(5.0, 5.0, 5.0), resid=(1.0, 1.0, 1.0), mlp=(1.0, 1.0, 1.0), overlap=(1.0, 0.99, 0.98),
+        cka=(1.0, 0.99, 0.98), efficacy=1.0, delta=10.0, v_steps=10.0, seconds=5.0):
+    """A 3-layer model whose ``layers`` have their mlp_down edited, growing from 10 to 10·growth,
+    with checkpoint measurements at 0, 5 and 10 edits (activation ratios the same at every layer)."""
+    steps = np.arange(0, n + 1)
+    norms = np.full((len(steps), 3, 1), 12.0)
+    edited = np.zeros((3, 1), dtype=np.int8)
+    for l in layers:
+        norms[:, l, 0] = 10.0 * growth ** (steps / n)
+        edited[l, 0] = 1
+    act = np.ones((3, 3, 3))
+    act[:, 0, :] = np.asarray(resid)[:, None]
+    act[:, 2, :] = np.asarray(mlp)[:, None]
+    same = lambda v: np.broadcast_to(np.asarray(v, float)[:, None, None], (3, 3, 3)).copy()  # noqa: E731
+    ds = xr.Dataset(
+        {"weight_norm": (("step", "layer", "matrix"), norms), "edited": (("layer", "matrix"), edited),
+         "efficacy": ("edit", np.full(n, efficacy)), "efficacy_final": ("edit", np.full(n, efficacy)),
+         "delta_norm": ("edit", np.full(n, delta)), "v_steps": ("edit", np.full(n, v_steps)),
+         "edit_seconds": ("edit", np.full(n, seconds)),
+         "perplexity": ("ckpt", np.asarray(ppl, float)), "task_mean_acc": ("ckpt", np.asarray(acc, float)),
+         "task_acc": (("ckpt", "task"), np.stack([acc, acc], axis=1).astype(float)),
+         "recall": ("ckpt", np.asarray(recall, float)), "es": ("ckpt", np.asarray(es, float)),
+         "ps": ("ckpt", np.asarray(es, float)), "ns": ("ckpt", np.asarray(ns, float)),
+         "gen_entropy_mean": ("ckpt", np.asarray(ge, float)),
+         "act_norm": (("ckpt", "site", "layer"), act),
+         "subspace_overlap": (("ckpt", "site", "layer"), same(overlap)), "cka": (("ckpt", "site", "layer"), same(cka)),
+         "act_cosine": (("ckpt", "site", "layer"), same(cka))},
+        coords={"step": steps, "layer": [0, 1, 2], "matrix": ["mlp_down"], "edit": np.arange(1, n + 1),
+                "ckpt": CKPT, "site": SITES, "task": ["sentiment", "news_topic"]},
+        attrs={"editor": editor, "params": json.dumps({"n_edits": n, "batch_size": 1}),
+               "measure_params": json.dumps({"n_gen": 8, "gen_tokens": 100})})
+    return ds, None
+
+
+def line(text: str, start: str) -> str:
+    hits = [l for l in text.splitlines() if l.startswith(start)]
+    assert hits, f"no line starting {start!r} in\n{text}"
+    return hits[0]
+
+
+def test_join_and_edited_label():
+    assert F.join([]) == "none" and F.join(["a"]) == "a" and F.join(["a", "b", "c"]) == "a, b and c"
+    assert F.edited_label(run(layers=(0, 1, 2))[0]) == "layers 0–2 mlp_down"
+    assert F.edited_label(run(layers=(0, 2))[0]) == "layers 0, 2 mlp_down"
+    assert F.edited_label(run()[0]) == "layer 0 mlp_down"
+
+
+def test_measurement_note_reads_the_checkpoints():
+    assert F.measurement_note({"a": run(), "b": run("memit")}) == (
+        "The 2 runs of 10 edits are measured before the first edit and after 5 and 10 edits.")
+
+
+def test_downstream_damage_follows_the_rule_and_the_data():
+    healthy, broken = run("rome"), run("mend", growth=2.0, ppl=(10, 20, 40), recall=(1, 0.8, 0.5))
+    text = F.downstream_findings({"a": healthy, "b": broken})
+    dmg = line(text, "- **Damaging**")
+    assert "(1 of 2 runs): MEND: perplexity 40.0 (10.0, ×4.00), recall 0.50 (1.00)" in dmg
+    assert "by perplexity and recall" in dmg and "ROME" not in dmg
+    assert "ROME: perplexity 10.2" in line(text, "- **Within the rule's bounds**")
+    # the same ROME run with a perplexity 6 % up is damaging by the rule
+    text = F.downstream_findings({"a": run("rome", ppl=(10, 10.3, 10.6)), "b": broken})
+    assert "(2 of 2 runs)" in line(text, "- **Damaging**")
+    assert "(0 of 2): none" in line(text, "- **Within the rule's bounds**")
+    assert "MEND (10.0, 20.0, 40.0) and ROME (10.0, 10.3, 10.6)" in line(text, "- **Perplexity rises at every checkpoint**")
+
+
+def test_downstream_growth_order_within_runs_on_the_same_matrices():
+    same = F.downstream_findings({"a": run("rome", growth=1.3, ppl=(10, 10, 11)),
+                                  "b": run("r-rome", growth=1.1, ppl=(10, 10, 10.5))})
+    assert "(the same order)" in line(same, "- **Growth against")
+    flipped = F.downstream_findings({"a": run("rome", growth=1.3, ppl=(10, 10, 10.5)),
+                                     "b": run("r-rome", growth=1.1, ppl=(10, 10, 11))})
+    assert "ρ = -1.00" in line(flipped, "- **Growth against")
+    # runs on different matrices are not compared
+    apart = F.downstream_findings({"a": run("rome"), "b": run("memit", layers=(1, 2))})
+    assert "- **Growth against" not in apart
+
+
+def test_edit_quality_forgetting_rule():
+    kept, forgot = run("rome"), run("ft-m", es=(np.nan, 1.0, 0.9), ns=(np.nan, 0.9, 0.7), ge=(5.0, 3.0, 4.0))
+    text = F.edit_quality_findings({"a": kept, "b": forgot})
+    assert "(1 of 2 runs): FT-M ES 1.00 → 0.90" in line(text, "- **Earlier edits forgotten**")
+    assert "ROME ES 1.00 → 1.00" in line(text, "- **Efficacy holds")
+    assert "from the first checkpoint after editing began (5 edits) to the last (10)" in text
+    assert "FT-M 4.00 (3.00 after 5 edits), ROME 5.00." in line(text, "- **Generation entropy**")
+    # a fall just under the threshold is not forgetting
+    text = F.edit_quality_findings({"b": run("ft-m", es=(np.nan, 1.0, 0.96))})
+    assert "(0 of 1 runs): none" in line(text, "- **Earlier edits forgotten**")
+    assert F.generation_note(kept[0]) == "each checkpoint's generation entropy is a mean over 8 continuations of 100 tokens"
+
+
+def test_activation_norms_fall_rise_or_stay():
+    runs = {"a": run("ft-m", resid=(1, 0.99, 0.98)), "b": run("rome"), "c": run("mend", resid=(1, 1.1, 1.2), mlp=(1, 2, 3))}
+    text = F.activation_norm_findings(runs)
+    assert "(1 of 3 runs): FT-M 0.980 (lower at 3 of 3 layers" in line(text, "- **Fall**")
+    assert "ROME 1.000" in line(text, "- **Within 1 %")
+    rise = line(text, "- **Rise**")
+    assert "MEND 1.200" in rise and "MLP output up to ×3.00" in rise
+    assert "in 1 of 3 runs (×1.000 to ×3.000)" in line(text, "- The **MLP output**")
+    # the same FT-M run at 0.995 is within the band, not a fall
+    text = F.activation_norm_findings({"a": run("ft-m", resid=(1, 1, 0.995))})
+    assert "(0 of 1 runs): none" in line(text, "- **Fall**")
+
+
+def test_subspaces_rule_and_steadiness():
+    runs = {"a": run("rome", overlap=(1, 0.95, 0.9), cka=(1, 0.9, 0.8)),
+            "b": run("lora", overlap=(1, 0.97, 0.96), cka=(1, 0.5, 0.7)),
+            "c": run("encore", layers=(1, 2), overlap=(1, 0.99, 0.99), cka=(1, 0.99, 0.95))}
+    table = F.subspace_frame(runs)
+    assert list(table.index) == ["ENCORE", "ROME", "LoRA"]  # by mean CKA, highest first
+    assert table.loc["ROME", "overlap"] == pytest.approx(0.9)
+    text = F.subspace_findings(runs)
+    assert line(text, "- **Moved by that rule**").startswith("- **Moved by that rule** (1 of 3 runs): ROME (0.900)")
+    steady = line(text, "- **Mean CKA falls at every checkpoint**")
+    assert "for ENCORE and ROME; not for LoRA (CKA 0.50, 0.70 after 5, 10 edits" in steady
+    assert "most moved**: LoRA (0.700)" in line(text, "- **Least moved**")
+    assert "layer 0 mlp_down: ROME 0.800, LoRA 0.700" in line(text, "- **Runs that edit the same matrices**")
+
+
+def test_remedy_compares_the_two_runs():
+    memit = run("memit", growth=1.03, layers=(1, 2), delta=25.0, v_steps=16, seconds=13.0, efficacy=0.97,
+                ge=(5.7, 5, 4.6), cka=(1, 0.99, 0.97))
+    encore = run("encore", growth=1.01, layers=(1, 2), delta=15.0, v_steps=10, seconds=8.0, efficacy=0.92,
+                 ge=(5.7, 5.5, 5.8), cka=(1, 0.995, 0.99))
+    text = F.remedy_findings(memit[0], encore[0])
+    assert "ENCORE's edited matrices end within 1.0 %" in text and "MEMIT's within 3.0 %" in text
+    assert "14.6" not in text and "15.0 for ENCORE against 25.0 for MEMIT" in text
+    assert "so ENCORE is the faster editor" in text
+    assert "0.92 of ENCORE's edits hold right after their batch against MEMIT's 0.97 (MEMIT ahead)" in text
+    assert ("ENCORE ends closer to the unedited model on 2 of 6 (generation entropy and residual CKA), MEMIT on 0 "
+            "(none), equal on perplexity, recall of never-edited facts, mean task accuracy and residual-stream norm "
+            "ratio.") in text
+    assert "generation entropy 5.80 vs 4.60 (5.70)" in text
+    slow = run("encore", growth=1.01, layers=(1, 2), seconds=20.0, efficacy=0.99)
+    text = F.remedy_findings(memit[0], slow[0])
+    assert "so MEMIT is the faster editor" in text and "(ENCORE ahead)" in text
+    worse = run("encore", growth=1.01, layers=(1, 2), ppl=(10, 11, 12))  # ENCORE's perplexity now rises more
+    assert "MEMIT on 1 (perplexity)" in F.remedy_findings(memit[0], worse[0])
