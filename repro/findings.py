@@ -395,3 +395,126 @@ def remedy_findings(memit: xr.Dataset, encore: xr.Dataset) -> str:
                    f"{len(closer['MEMIT'])} ({join(closer['MEMIT'])})"
                    + (f", equal on {join(closer['tie'])}" if closer["tie"] else "") + ".")
     return "\n\n".join(out)
+
+
+# -- single edits -------------------------------------------------------------------------------
+# the editors the study expects to reach ES >= SINGLE_EDIT_BAR on single edits (their papers' level)
+SINGLE_EDIT_BAR = 0.9
+HELD_TO_BAR = ("rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "ft-m")
+# the editors that write the new value at a key averaged over context prefixes
+AVERAGED_KEY = ("r-rome", "memit", "emmet", "alphaedit", "encore")
+
+
+def single_edit_findings(runs: dict, held=HELD_TO_BAR, bar: float = SINGLE_EDIT_BAR) -> str:
+    """Which of the editors held to the bar reach mean ES >= ``bar`` on single edits, which do not,
+    and the scores of the editors not held to it (``runs``: single-edit efficacy runs)."""
+    from .efficacy import summarize
+
+    s = {str(ds.attrs["editor"]): (summarize(ds), _name(ds)) for ds, _ in runs.values()}
+    judged = [e for e in held if e in s]
+    if not judged:
+        return "No single-edit run of the editors held to the bar has a file yet."
+    reach = [e for e in judged if s[e][0]["ES"] >= bar]
+    miss = [e for e in judged if e not in reach]
+    out = [f"{len(reach)} of the {len(judged)} editors held to the bar (ES ≥ {bar:.2f}) reach it"
+           + (": " + join(f"{s[e][1]} (ES {s[e][0]['ES']:.2f})" for e in reach) if reach else "")
+           + (f". {len(miss)} do not, at their current settings: " + join(f"**{s[e][1]}, ES {s[e][0]['ES']:.2f}**" for e in miss)
+              if miss else "") + "."]
+    others = [e for e in s if e not in held]
+    if others:
+        out.append("The editors not held to it: " + "; ".join(
+            f"{s[e][1]} ES {s[e][0]['ES']:.2f}, paraphrase PS {s[e][0]['PS']:.2f}, neighborhood NS {s[e][0]['NS']:.2f}"
+            for e in others) + ".")
+    return " ".join(out)
+
+
+def key_agreement_findings(ka: xr.Dataset, averaged=AVERAGED_KEY, focus: str = "r-rome") -> tuple[str, str]:
+    """Two paragraphs from the key agreement file (scripts/key_agreement.py): (1) where the misses of
+    the editors that write at an averaged key fall (subject opening the prompt or inside it), and
+    which editors miss no fact at all on opening subjects; (2) for ``focus``: the subjects whose last
+    token changes without the leading space, how many of them it misses, their key cosines and update
+    shares, and the cosines of its other misses against the median of all opening subjects."""
+    from .report import display_name
+
+    opens = ka["subject_opens"].values.astype(bool)
+    differs = ka["last_token_differs"].values.astype(bool)
+    editors = json.loads(ka.attrs.get("es_editors", "[]"))
+    avg = [e for e in averaged if e in editors]
+    missed = {e: ka[f"es_{e}"].values < 1 for e in editors}
+    inside_misses = {e: int((missed[e] & ~opens).sum()) for e in avg}
+    names = join(display_name(e) for e in avg)
+    if not any(inside_misses.values()):
+        es_in = sorted({round(float(ka[f"es_{e}"].values[~opens].mean()), 2) for e in avg})
+        first = (f"Every miss of the {len(avg)} editors that write the value at an averaged key ({names}) is on a fact "
+                 f"whose subject **opens** the rewrite prompt (\"{{}} is located in\"); on the {int((~opens).sum())} facts "
+                 f"with the subject inside the prompt they reach ES {join(f'{v:.2f}' for v in es_in)}.")
+    else:
+        first = (f"Of the misses of the {len(avg)} editors that write the value at an averaged key ({names}), "
+                 + join(f"{display_name(e)} {inside_misses[e]}" for e in avg if inside_misses[e])
+                 + f" are on facts with the subject inside the prompt ({int((~opens).sum())} such facts).")
+    clean = [e for e in editors if not (missed[e] & opens).any()]
+    first += (" No fact whose subject opens the prompt is missed by " + join(display_name(e) for e in clean) + "."
+              if clean else " Every editor misses some fact whose subject opens the prompt.")
+    if f"es_{focus}" not in ka:
+        return first, ""
+    m = missed[focus]
+    hit = differs & opens & m
+    cos, share = ka["cosine"].values, ka["share"].values
+
+    def rng(v, fmt="{:.2f}"):
+        v = np.sort(v)
+        return fmt.format(v[0]) if len(v) == 1 else f"{fmt.format(v[0])}-{fmt.format(v[-1])}"
+
+    second = (f"{int((differs & opens).sum())} of the {int(opens.sum())} subjects opening the prompt have a last token "
+              f"that changes without the leading space; {display_name(focus)} misses {int(hit.sum())} of them")
+    if hit.any():
+        second += (f" (key cosine {rng(cos[hit])}, {rng(100 * share[hit], '{:.0f}')} % of the update reaching the plain "
+                   f"prompt)")
+    rest = m & ~hit
+    med_open = float(np.median(cos[opens])) if opens.any() else float("nan")
+    med_in = float(np.median(cos[~opens])) if (~opens).any() else float("nan")
+    if rest.any():
+        second += (f". Its other {int(rest.sum())} misses have key cosines {rng(cos[rest])}, {int((cos[rest] < med_open).sum())} "
+                   f"of them below the median of the opening subjects ({med_open:.2f}; inside the prompt {med_in:.2f})")
+    return first, second + "."
+
+
+def tuning_findings(tuning: dict) -> str:
+    """The settings checks (``{file stem: Dataset}`` of single-edit runs on training-split facts),
+    grouped by the facts they edit (same case ids): per run, the editor, its overrides of the
+    editor's defaults and its ES; within a group, which runs miss the same facts, and the value
+    optimisation steps on the missed facts. A Markdown list, one item per group of facts."""
+    from .report import display_name
+
+    groups: dict[tuple, list] = {}
+    for stem, ds in tuning.items():
+        groups.setdefault(tuple(int(c) for c in ds["case_id"].values), []).append((stem, ds))
+    items = []
+    for cases, members in groups.items():
+        parts, misses = [], {}
+        for stem, ds in members:
+            over = json.loads(ds.attrs.get("params", "{}")).get("hparams", {}) or {}
+            setting = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in over.items()) or "defaults"
+            missed = [int(c) for c, es in zip(ds["case_id"].values, ds["es"].values) if es < 1]
+            label = f"{display_name(str(ds.attrs['editor']))} ({setting})"
+            misses[label] = (set(missed), ds)
+            parts.append(f"{label} ES {float(ds['es'].mean()):.2f}")
+        line = f"{len(cases)} facts (" + ", ".join(f"`{s}`" for s, _ in members) + "): " + "; ".join(parts) + "."
+        labels = list(misses)
+        same = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]
+                if misses[a][0] and misses[a][0] == misses[b][0]]
+        for a, b in same:
+            steps = misses[a][1]["v_steps"].values[np.isin(misses[a][1]["case_id"].values, list(misses[a][0]))]
+            k = len(misses[a][0])
+            line += (f" {a} and {b} miss the same {k} fact{'s' if k > 1 else ''} (case id{'s' if k > 1 else ''} "
+                     f"{', '.join(map(str, sorted(misses[a][0])))})")
+            if len(steps):
+                lo, hi = int(np.nanmin(steps)), int(np.nanmax(steps))
+                line += (f"; the first stops its value optimisation on {'them' if k > 1 else 'it'} after "
+                         f"{lo if lo == hi else f'{lo}-{hi}'} steps")
+            line += "."
+            for c in labels:
+                if c not in (a, b) and misses[c][0] < misses[a][0]:
+                    line += f" {c} misses {len(misses[c][0])} of them."
+        items.append("- " + line)
+    return "\n".join(items)

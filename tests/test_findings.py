@@ -155,3 +155,60 @@ def test_remedy_compares_the_two_runs():
     assert "so MEMIT is the faster editor" in text and "(ENCORE ahead)" in text
     worse = run("encore", growth=1.01, layers=(1, 2), ppl=(10, 11, 12))  # ENCORE's perplexity now rises more
     assert "MEMIT on 1 (perplexity)" in F.remedy_findings(memit[0], worse[0])
+
+
+def eff_run(editor: str, es, ps=None, ns=None):
+    n = len(es)
+    ds = xr.Dataset({"es": ("fact", np.asarray(es, float)), "ps": ("fact", np.asarray(ps if ps is not None else es, float)),
+                     "ns": ("fact", np.asarray(ns if ns is not None else np.ones(n), float)),
+                     "edit_seconds": ("fact", np.ones(n))}, coords={"fact": np.arange(n)}, attrs={"editor": editor})
+    return ds, None
+
+
+def test_single_edit_bar_follows_the_scores():
+    runs = {"a": eff_run("rome", [1, 1, 1, 1]), "b": eff_run("r-rome", [1, 1, 1, 0]), "c": eff_run("mend", [1, 1, 1, 1], ns=[0, 0, 0, 1])}
+    text = F.single_edit_findings(runs, held=("rome", "r-rome"))
+    assert text.startswith("1 of the 2 editors held to the bar (ES ≥ 0.90) reach it: ROME (ES 1.00). 1 do not")
+    assert "**r-ROME, ES 0.75**" in text and "MEND ES 1.00, paraphrase PS 1.00, neighborhood NS 0.25" in text
+    runs["b"] = eff_run("r-rome", [1] * 10 + [0])  # 10 of 11: 0.91, at the bar
+    assert F.single_edit_findings(runs, held=("rome", "r-rome")).startswith("2 of the 2 editors")
+
+
+def key_file(opens, differs, cosine, es):
+    ka = xr.Dataset({"subject_opens": ("fact", np.asarray(opens, np.int8)), "last_token_differs": ("fact", np.asarray(differs, np.int8)),
+                     "cosine": ("fact", np.asarray(cosine, float)), "share": ("fact", np.asarray(cosine, float))},
+                    attrs={"es_editors": json.dumps(list(es))})
+    for e, v in es.items():
+        ka[f"es_{e}"] = ("fact", np.asarray(v, float))
+    return ka
+
+
+def test_key_agreement_text_follows_the_misses():
+    opens, differs, cos = [1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [0.1, 0.8, 0.95, 0.97, 0.99]
+    ka = key_file(opens, differs, cos, {"r-rome": [0, 0, 1, 1, 1], "rome": [1, 1, 1, 1, 1]})
+    first, second = F.key_agreement_findings(ka)
+    assert "Every miss of the 1 editors" in first and "on the 2 facts with the subject inside the prompt they reach ES 1.00" in first
+    assert first.endswith("missed by ROME.")
+    assert second.startswith("1 of the 3 subjects opening the prompt have a last token that changes without the leading "
+                             "space; r-ROME misses 1 of them (key cosine 0.10, 10 % of the update")
+    assert "Its other 1 misses have key cosines 0.80, 0 of them below the median of the opening subjects (0.80;" in second
+    # a miss inside the prompt changes the first sentence
+    ka = key_file(opens, differs, cos, {"r-rome": [0, 0, 1, 0, 1], "rome": [1, 1, 1, 1, 1]})
+    assert "r-ROME 1 are on facts with the subject inside the prompt" in F.key_agreement_findings(ka)[0]
+
+
+def tuning_run(editor, es, overrides=None, cases=(1, 2, 3, 4), steps=(5, 6, 7, 8)):
+    return xr.Dataset({"es": ("fact", np.asarray(es, float)), "case_id": ("fact", np.asarray(cases)),
+                       "v_steps": ("fact", np.asarray(steps, float))},
+                      attrs={"editor": editor, "params": json.dumps({"hparams": overrides or {}})})
+
+
+def test_tuning_text_compares_the_missed_facts():
+    files = {"base": tuning_run("encore", [1, 0, 0, 1]), "nw5": tuning_run("encore", [1, 0, 0, 1], {"norm_weight": 5}),
+             "memit": tuning_run("memit", [1, 0, 1, 1])}
+    text = F.tuning_findings(files)
+    assert "ENCORE (defaults) ES 0.50; ENCORE (norm_weight 5) ES 0.50; MEMIT (defaults) ES 0.75" in text
+    assert "miss the same 2 facts (case ids 2, 3); the first stops its value optimisation on them after 6-7 steps" in text
+    assert "MEMIT (defaults) misses 1 of them" in text
+    files["nw5"] = tuning_run("encore", [1, 1, 0, 1], {"norm_weight": 5})
+    assert "miss the same" not in F.tuning_findings(files)
