@@ -212,3 +212,40 @@ def test_tuning_text_compares_the_missed_facts():
     assert "MEMIT (defaults) misses 1 of them" in text
     files["nw5"] = tuning_run("encore", [1, 1, 0, 1], {"norm_weight": 5})
     assert "miss the same" not in F.tuning_findings(files)
+
+
+def post_run(ratio: float, wd: float = 0.0, lr: float = 1e-4, intervention: str = "full_ft", shrink_b: bool = False):
+    """Two layers × two matrix types, every matrix trained; norms from 10 to 10·ratio (type "b" to
+    10/ratio when ``shrink_b``), ΔW orthogonal-ish (‖ΔW‖ = 0.1), 3 recording steps."""
+    steps = np.array([0, 10, 20])
+    w = np.ones((3, 2, 2)) * 10.0
+    w *= np.linspace(1.0, ratio, 3)[:, None, None]
+    if shrink_b:
+        w[:, :, 1] = 10.0 / np.linspace(1.0, ratio, 3)[:, None]
+    d = np.zeros((3, 2, 2))
+    d[1:] = 0.1
+    ds = xr.Dataset({"weight_norm": (("step", "layer", "matrix"), w), "delta_norm": (("step", "layer", "matrix"), d),
+                     "trained": (("layer", "matrix"), np.ones((2, 2), dtype=np.int8)),
+                     "train_loss": ("opt_step", np.linspace(3, 1, 20)), "lr": ("opt_step", np.full(20, lr)),
+                     "eval_ppl": ("eval_step", [40.0, 50.0]), "task_acc": ("eval_step", [0.0, 0.8])},
+                    coords={"step": steps, "layer": [0, 1], "matrix": ["attn_q", "mlp_up"]},
+                    attrs={"intervention": intervention, "device": "cpu",
+                           "params": json.dumps({"intervention": intervention, "weight_decay": wd, "lr": lr, "seq_len": 64})})
+    return ds, None
+
+
+def test_post_training_text_follows_the_rule_and_the_settings():
+    runs = {"ref": post_run(1.001), "fast": post_run(1.003, lr=3e-4), "decay": post_run(0.998, wd=0.1)}
+    text = F.post_training_findings(runs)
+    assert text.startswith("3 runs of 20 optimizer steps each (device: cpu).")
+    free = line(text, "- **Without weight decay**")
+    assert "2 of 2 runs grow their matrices" in free and "growth +0.1000 %, 100% of the matrices grown" in free
+    variants = line(text, "- **Variants")
+    assert "learning rate 0.0003 against 0.0001: ‖ΔW‖/‖W_0‖ ×1.0, growth − 1 ×3.0" in variants
+    assert "weight decay 0.1 against 0: ‖ΔW‖/‖W_0‖ ×1.0 (growth -0.2000 % against +0.1000 %)" in variants
+    decay = line(text, "- **Weight decay 0.1**")
+    assert "×0.99800" in decay and "(1 − lr_t·wd) over the 20 steps, ×0.99980" in decay and decay.endswith("it does not grow.")
+    assert "(64 tokens) 40.0 → 50.0 (0.00 → 0.80)" in line(text, "- **Held-out")
+    # half the matrices shrinking: growth ~1 and 50 % grown -> the rule's boundary; a type that shrinks is named
+    mixed = F.post_training_findings({"m": post_run(1.01, shrink_b=True)})
+    assert "shrank on average: up" in mixed
