@@ -617,3 +617,24 @@ def post_training_findings(runs: dict) -> str:
                            + (f" ({r['em first']:.2f} → {r['em last']:.2f})" if np.isfinite(r["em last"]) else "")
                            for r in rows) + ".")
     return "\n".join(out)
+
+
+# -- F2: bounded editors and the length of the runs -----------------------------------------------
+def bounded_update_findings(runs: dict) -> str:
+    """For every run whose editor bounds each weight's change (``norm_constraint`` in its hparams,
+    the L∞ radius of FT-L): the bound, its growth and its efficacy right after each edit; then the
+    largest growth of all runs and the length of the runs."""
+    out = []
+    for ds, _ in runs.values():
+        hp = json.loads(ds.attrs.get("hparams", "{}") or "{}")
+        eps = hp.get("norm_constraint")
+        if eps:
+            out.append(f"{_name(ds)} bounds every weight's change by ε = {eps:g} (L∞): its edited matrices grow "
+                       f"×{growth(ds):.4f} and {float(ds['efficacy'].mean()):.2f} of its edits succeed right after "
+                       f"they are made.")
+    if runs:
+        g = {_name(ds): growth(ds) for ds, _ in runs.values()}
+        top = max(g, key=g.get)
+        lengths = join(sorted({int(ds.sizes["edit"]) for ds, _ in runs.values()}))
+        out.append(f"The largest growth here is ×{g[top]:.2f} ({top}), after {lengths} edits.")
+    return " ".join(out)

@@ -249,3 +249,13 @@ def test_post_training_text_follows_the_rule_and_the_settings():
     # half the matrices shrinking: growth ~1 and 50 % grown -> the rule's boundary; a type that shrinks is named
     mixed = F.post_training_findings({"m": post_run(1.01, shrink_b=True)})
     assert "shrank on average: up" in mixed
+
+
+def test_bounded_update_note_reads_the_bound_and_the_run():
+    bounded, free = run("ft-l", growth=1.001, efficacy=0.3), run("rome", growth=1.5)
+    bounded[0].attrs["hparams"] = json.dumps({"norm_constraint": 5e-4})
+    text = F.bounded_update_findings({"a": bounded, "b": free})
+    assert text.startswith("FT-L bounds every weight's change by ε = 0.0005 (L∞): its edited matrices grow ×1.0010 and "
+                           "0.30 of its edits succeed")
+    assert text.endswith("The largest growth here is ×1.50 (ROME), after 10 edits.")
+    assert "bounds" not in F.bounded_update_findings({"b": free})
