@@ -398,31 +398,31 @@ def remedy_findings(memit: xr.Dataset, encore: xr.Dataset) -> str:
 
 
 # -- single edits -------------------------------------------------------------------------------
-# the editors the study expects to reach ES >= SINGLE_EDIT_BAR on single edits (their papers' level)
-SINGLE_EDIT_BAR = 0.9
-HELD_TO_BAR = ("rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "ft-m")
+# the editors the study expects to reach ES >= EXPECTED_ES on single edits (their papers' level)
+EXPECTED_ES = 0.9
+EXPECTED_EDITORS = ("rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "ft-m")
 # the editors that write the new value at a key averaged over context prefixes
 AVERAGED_KEY = ("r-rome", "memit", "emmet", "alphaedit", "encore")
 
 
-def single_edit_findings(runs: dict, held=HELD_TO_BAR, bar: float = SINGLE_EDIT_BAR) -> str:
-    """Which of the editors held to the bar reach mean ES >= ``bar`` on single edits, which do not,
-    and the scores of the editors not held to it (``runs``: single-edit efficacy runs)."""
+def single_edit_findings(runs: dict, held=EXPECTED_EDITORS, level: float = EXPECTED_ES) -> str:
+    """Which of the editors expected to reach mean ES >= ``level`` on single edits do, which do not,
+    and the scores of the editors with no expected level (``runs``: single-edit efficacy runs)."""
     from .efficacy import summarize
 
     s = {str(ds.attrs["editor"]): (summarize(ds), _name(ds)) for ds, _ in runs.values()}
     judged = [e for e in held if e in s]
     if not judged:
-        return "No single-edit run of the editors held to the bar has a file yet."
-    reach = [e for e in judged if s[e][0]["ES"] >= bar]
+        return "No single-edit run of the editors with an expected level has a file yet."
+    reach = [e for e in judged if s[e][0]["ES"] >= level]
     miss = [e for e in judged if e not in reach]
-    out = [f"{len(reach)} of the {len(judged)} editors held to the bar (ES ≥ {bar:.2f}) reach it"
+    out = [f"{len(reach)} of the {len(judged)} editors expected to reach ES ≥ {level:.2f} do"
            + (": " + join(f"{s[e][1]} (ES {s[e][0]['ES']:.2f})" for e in reach) if reach else "")
            + (f". {len(miss)} do not, at their current settings: " + join(f"**{s[e][1]}, ES {s[e][0]['ES']:.2f}**" for e in miss)
               if miss else "") + "."]
     others = [e for e in s if e not in held]
     if others:
-        out.append("The editors not held to it: " + "; ".join(
+        out.append("The editors with no expected level: " + "; ".join(
             f"{s[e][1]} ES {s[e][0]['ES']:.2f}, paraphrase PS {s[e][0]['PS']:.2f}, neighborhood NS {s[e][0]['NS']:.2f}"
             for e in others) + ".")
     return " ".join(out)

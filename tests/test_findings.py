@@ -165,12 +165,12 @@ def eff_run(editor: str, es, ps=None, ns=None):
     return ds, None
 
 
-def test_single_edit_bar_follows_the_scores():
+def test_single_edit_expected_level_follows_the_scores():
     runs = {"a": eff_run("rome", [1, 1, 1, 1]), "b": eff_run("r-rome", [1, 1, 1, 0]), "c": eff_run("mend", [1, 1, 1, 1], ns=[0, 0, 0, 1])}
     text = F.single_edit_findings(runs, held=("rome", "r-rome"))
-    assert text.startswith("1 of the 2 editors held to the bar (ES ≥ 0.90) reach it: ROME (ES 1.00). 1 do not")
+    assert text.startswith("1 of the 2 editors expected to reach ES ≥ 0.90 do: ROME (ES 1.00). 1 do not")
     assert "**r-ROME, ES 0.75**" in text and "MEND ES 1.00, paraphrase PS 1.00, neighborhood NS 0.25" in text
-    runs["b"] = eff_run("r-rome", [1] * 10 + [0])  # 10 of 11: 0.91, at the bar
+    runs["b"] = eff_run("r-rome", [1] * 10 + [0])  # 10 of 11: 0.91, above the expected level
     assert F.single_edit_findings(runs, held=("rome", "r-rome")).startswith("2 of the 2 editors")
 
 
