@@ -94,8 +94,9 @@ def downstream_rows(runs: dict) -> list[dict]:
             "recall0": float(first["recall"]), "recall": float(last["recall"]),
         }
         r["ppl ×"] = r["ppl"] / r["ppl0"]
-        r["why"] = [w for w, hit in (("perplexity", r["ppl ×"] >= PPL_RISE), ("task accuracy", r["acc0"] - r["acc"] >= ACC_DROP),
-                                      ("recall", r["recall0"] - r["recall"] >= ACC_DROP)) if hit]
+        tests = (("perplexity", r["ppl ×"] >= PPL_RISE), ("task accuracy", r["acc0"] - r["acc"] >= ACC_DROP),
+                 ("recall", r["recall0"] - r["recall"] >= ACC_DROP))
+        r["why"] = [w for w, hit in tests if hit]
         rows.append(r)
     return rows
 
@@ -638,3 +639,21 @@ def bounded_update_findings(runs: dict) -> str:
         lengths = join(sorted({int(ds.sizes["edit"]) for ds, _ in runs.values()}))
         out.append(f"The largest growth here is ×{g[top]:.2f} ({top}), after {lengths} edits.")
     return " ".join(out)
+
+
+# -- layer choice -----------------------------------------------------------------------------------
+def layer_choice_note(best: int, runs: dict, editors=("rome", "r-rome")) -> str:
+    """Whether the sequential runs of the single-layer editors edit the sweep's best layer, from the
+    edited layers their files record (``runs``: sequential runs)."""
+    used = {}
+    for ds, _ in runs.values():
+        if str(ds.attrs.get("editor")) in editors:
+            used.setdefault(_name(ds), set()).update(int(c.split(":")[0]) for c in _edited(ds))
+    if not used:
+        return ""
+    same = [e for e, layers in used.items() if layers == {int(best)}]
+    other = [f"{e} (layer {', '.join(map(str, sorted(l)))})" for e, l in used.items() if l != {int(best)}]
+    out = f"The sequential runs of {join(same)} edit layer {best}, as their files record." if same else ""
+    if other:
+        out += (" " if out else "") + f"The sequential runs of {join(other)} edit another layer than the best by S."
+    return out

@@ -259,3 +259,10 @@ def test_bounded_update_note_reads_the_bound_and_the_run():
                            "0.30 of its edits succeed")
     assert text.endswith("The largest growth here is ×1.50 (ROME), after 10 edits.")
     assert "bounds" not in F.bounded_update_findings({"b": free})
+
+
+def test_layer_choice_note_checks_the_edited_layer():
+    runs = {"a": run("rome", layers=(1,)), "b": run("r-rome", layers=(1,)), "c": run("memit", layers=(1, 2))}
+    assert F.layer_choice_note(1, runs) == "The sequential runs of ROME and r-ROME edit layer 1, as their files record."
+    assert F.layer_choice_note(2, runs) == "The sequential runs of ROME (layer 1) and r-ROME (layer 1) edit another layer than the best by S."
+    assert F.layer_choice_note(1, {"c": runs["c"]}) == ""
