@@ -507,7 +507,7 @@ def tuning_findings(tuning: dict) -> str:
         for a, b in same:
             steps = misses[a][1]["v_steps"].values[np.isin(misses[a][1]["case_id"].values, list(misses[a][0]))]
             k = len(misses[a][0])
-            line += (f" {a} and {b} miss the same {k} fact{'s' if k > 1 else ''} (case id{'s' if k > 1 else ''} "
+            line += (f" {a} and {b} miss the same {f'{k} facts' if k > 1 else 'fact'} (case id{'s' if k > 1 else ''} "
                      f"{', '.join(map(str, sorted(misses[a][0])))})")
             if len(steps):
                 lo, hi = int(np.nanmin(steps)), int(np.nanmax(steps))
