@@ -94,6 +94,13 @@ def growth(ds: xr.Dataset) -> float:
     return growth_at(ds, int(ds["step"].values[-1]))
 
 
+def post_growth(ds: xr.Dataset) -> float:
+    """The growth of a post-training run: mean ‖W‖ of its trained matrices after the last step over
+    before the first."""
+    w = ds["weight_norm"].where(ds["trained"] == 1)
+    return float(w.isel(step=-1).mean() / w.isel(step=0).mean())
+
+
 def rises_share(ds: xr.Dataset) -> float:
     """Share of measured steps after which the mean edited norm is above the step before."""
     mean = edited_norms(ds).mean("edited").values
@@ -114,7 +121,7 @@ def claim_post_training(runs: dict) -> Verdict:
     for rid, (ds, _) in runs.items():
         trained = ds["trained"] == 1
         w = ds["weight_norm"].where(trained)
-        ratio = float(w.isel(step=-1).mean() / w.isel(step=0).mean())
+        ratio = post_growth(ds)
         grown = float(((w.isel(step=-1) > w.isel(step=0)).where(trained)).mean())
         from .report import training_setting
 
