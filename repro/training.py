@@ -70,6 +70,7 @@ from .data.counterfact import Record, load_records
 from .data.text import load_text
 from .models import LoadedModel, load_model
 from .paths import from_root
+from .scoring import logprobs_at, pad_rows
 
 log = logging.getLogger(__name__)
 
@@ -228,22 +229,9 @@ class TaskBatch:
 
 
 def collate_task(task: TaskSet, idx, pad_id: int, device) -> TaskBatch:
-    rows = [task.prompts[i] + task.answers[i][:-1] for i in idx]
-    T, L = max(map(len, rows)), max(len(task.answers[i]) for i in idx)
-    B = len(rows)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, T), dtype=torch.long)
-    pos = torch.zeros((B, L), dtype=torch.long)
-    labels = torch.zeros((B, L), dtype=torch.long)
-    mask = torch.zeros((B, L))
-    for b, (i, row) in enumerate(zip(idx, rows)):
-        n_p, ans = len(task.prompts[i]), task.answers[i]
-        ids[b, : len(row)] = torch.tensor(row)
-        attn[b, : len(row)] = 1
-        pos[b, : len(ans)] = torch.arange(n_p - 1, n_p - 1 + len(ans))
-        labels[b, : len(ans)] = torch.tensor(ans)
-        mask[b, : len(ans)] = 1
-    return TaskBatch(ids.to(device), attn.to(device), pos.to(device), labels.to(device), mask.to(device))
+    """Examples ``idx`` of a task set as a right-padded teacher-forcing batch (:func:`repro.scoring.pad_rows`)."""
+    b = pad_rows([task.prompts[i] for i in idx], [task.answers[i] for i in idx], pad_id, device)
+    return TaskBatch(b.input_ids, b.attention_mask, b.loss_pos, b.labels, b.label_mask)
 
 
 def example_indices(n: int, step: int, micro: int, params: TrainParams) -> np.ndarray:
@@ -320,10 +308,7 @@ def lm_nll(lm: LoadedModel, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def answer_logprobs(lm: LoadedModel, batch: TaskBatch) -> torch.Tensor:
     """Log-probabilities (B, L, V) at the answer positions only (the unembedding is costly)."""
-    hidden = lm.spec.base_model(lm.model)(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-    picked = hidden.gather(1, batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    return torch.log_softmax(lm.spec.logits(lm.model, picked).float(), dim=-1)
+    return logprobs_at(lm, batch, batch.positions)
 
 
 def answer_nll(lm: LoadedModel, batch: TaskBatch) -> tuple[torch.Tensor, int]:

@@ -34,8 +34,9 @@ from torch import nn
 
 from ..models import LoadedModel
 from ..paths import from_root
+from ..scoring import PromptBatch, logprobs_at, row_nll
 from .base import Editor, EditResult, Request
-from .locate import PromptBatch, encode_rows, logits_at
+from .locate import encode_rows
 
 NOTEBOOK = "notebooks/train_mend.ipynb"
 # hyperparameters that fix the network's shape and what it edits: a weights file is only valid
@@ -94,13 +95,6 @@ def target_batch(lm: LoadedModel, requests: list[Request]) -> PromptBatch:
     return encode_rows(lm, [r.prompt.format(r.subject) for r in requests], [r.target_new for r in requests])
 
 
-def row_nll(logp: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
-    """Mean token NLL of each row's target from log-probs at ``batch.loss_pos`` (B, L, V)."""
-    lp = logp.gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)
-    mask = batch.label_mask
-    return -(lp * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
 def gradient_factors(
     lm: LoadedModel, matrices: list[tuple[int, str]], batch: PromptBatch, rows: int | None = None
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
@@ -126,8 +120,8 @@ def gradient_factors(
         handles.append(module.register_forward_hook(hook))
     try:
         with torch.enable_grad():
-            logp = logits_at(lm, batch, batch.loss_pos)
-            nll = row_nll(logp, batch)
+            logp = logprobs_at(lm, batch, batch.loss_pos)
+            nll = row_nll(logp, batch.labels, batch.label_mask)
             deltas = torch.autograd.grad(nll[:rows].sum(), [probes[k] for k in modules])
     finally:
         for h in handles:
