@@ -54,7 +54,6 @@ import dataclasses
 import logging
 import math
 import time
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +67,7 @@ from .params import check_types
 from . import store
 from .data.counterfact import Record, load_records
 from .data.text import load_text
+from .adapters import add_lora
 from .models import LoadedModel, load_model
 from .paths import from_root
 from .scoring import logprobs_at, pad_rows
@@ -369,22 +369,10 @@ def prepare_model(lm: LoadedModel, params: TrainParams) -> list[tuple[str, torch
     if params.intervention in ("cpt", "full_ft"):
         model.requires_grad_(True)
     else:
-        from peft import LoraConfig, get_peft_model
-
         types = lora_targets(lm, params)
-        paths = [lm.spec.matrix_path(l, t) for l in range(lm.n_layers) for t in types]
-        transposed = {t in lm.spec.transposed for t in types}
-        if len(transposed) > 1:
-            raise ValueError("lora_targets mix (out, in) and (in, out) matrices; train them in separate runs")
-        config = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-                            bias="none", target_modules=paths, fan_in_fan_out=transposed.pop())
         model.requires_grad_(False)
-        devices = [lm.device] if lm.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(params.seed)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                wrapped = get_peft_model(model, config, adapter_name=ADAPTER)
+        wrapped = add_lora(lm, [(l, t) for l in range(lm.n_layers) for t in types], rank=params.lora_r,
+                           alpha=params.lora_alpha, dropout=params.lora_dropout, seed=params.seed, adapter=ADAPTER)
         lm.peft_model = wrapped  # keep peft's wrapper alive; the injected layers live in lm.model
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
