@@ -24,6 +24,7 @@ a model and applies edits in place (each call reads the current weights, so edit
 from __future__ import annotations
 
 import dataclasses
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hooks import capture, edit_output
 from ..models import LoadedModel
 from ..paths import from_root
 from ..scoring import PromptBatch, logprobs_at, row_nll
@@ -108,27 +110,24 @@ def gradient_factors(
     """
     rows = batch.input_ids.shape[0] if rows is None else rows
     modules = {matrix_key(l, m): lm.spec.matrix_module(lm.model, l, m) for l, m in matrices}
-    inputs: dict[str, torch.Tensor] = {}
     probes: dict[str, torch.Tensor] = {}
-    handles = []
-    for key, module in modules.items():
-        def hook(mod, args, out, key=key):
-            inputs[key] = (args[0] if isinstance(args, tuple) else args).detach()
+
+    def add_probe(key: str):
+        def fn(out):
             probes[key] = torch.zeros_like(out, requires_grad=True)
             return out + probes[key]
+        return fn
 
-        handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.enable_grad():
-            logp = logprobs_at(lm, batch, batch.loss_pos)
-            nll = row_nll(logp, batch.labels, batch.label_mask)
-            deltas = torch.autograd.grad(nll[:rows].sum(), [probes[k] for k in modules])
-    finally:
-        for h in handles:
-            h.remove()
+    with ExitStack() as stack, torch.enable_grad():
+        inputs = stack.enter_context(capture(modules, what="input"))
+        for key, module in modules.items():
+            stack.enter_context(edit_output(module, add_probe(key)))
+        logp = logprobs_at(lm, batch, batch.loss_pos)
+        nll = row_nll(logp, batch.labels, batch.label_mask)
+        deltas = torch.autograd.grad(nll[:rows].sum(), [probes[k] for k in modules])
     mask = batch.attention_mask[:rows].bool()
     factors = {
-        key: (inputs[key][:rows][mask].float(), d[:rows][mask].float())
+        key: (inputs[key].detach()[:rows][mask].float(), d[:rows][mask].float())
         for key, d in zip(modules, deltas)
     }
     return factors, logp.detach(), nll.detach()

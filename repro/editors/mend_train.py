@@ -38,6 +38,7 @@ from ..params import check_types
 from ..data.counterfact import Record, load_records, to_request
 from ..experiment import split_of
 from ..measure.rewrite import record_scores
+from ..hooks import capture
 from ..models import LoadedModel, copy_weights, load_model, put_weights
 from ..paths import from_root
 from ..scoring import PromptBatch, logprobs_at, row_nll
@@ -193,14 +194,9 @@ def meta_loss(
 
 def _factors_and_hidden(lm, matrices, batch, rows):
     """:func:`gradient_factors` plus the final hidden states of every row of that pass."""
-    store_: dict[str, torch.Tensor] = {}
-    base = lm.spec.base_model(lm.model)
-    handle = base.register_forward_hook(lambda mod, args, out: store_.__setitem__("h", out.last_hidden_state.detach()))
-    try:
+    with capture({"base": lm.spec.base_model(lm.model)}, first=False) as got:
         factors, _, _ = gradient_factors(lm, matrices, batch, rows)
-    finally:
-        handle.remove()
-    return factors, store_["h"]
+    return factors, got["base"].last_hidden_state.detach()
 
 
 # --------------------------------------------------------------------------------------------
