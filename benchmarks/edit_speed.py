@@ -161,7 +161,8 @@ def micro(model: str) -> list[dict]:
     vocabulary at every position, and stopping the forward pass after the key layer."""
     import torch
 
-    from repro.editors.locate import context_templates, logits_at, make_batch, subject_keys
+    from repro.editors.locate import context_templates, make_batch, subject_keys
+    from repro.scoring import logprobs_at
     from repro.hooks import capture, edit_output
     from repro.models import load_model
 
@@ -191,7 +192,7 @@ def micro(model: str) -> list[dict]:
 
     def picked():
         with edit_output(module, lambda o: o + delta):
-            lp = logits_at(lm, batch, batch.loss_pos)
+            lp = logprobs_at(lm, batch, batch.loss_pos)
         lp.mean().backward()
 
     a, b = timeit(full), timeit(picked)

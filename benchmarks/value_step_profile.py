@@ -61,7 +61,8 @@ def main(argv=None) -> None:
 
     from repro.data.counterfact import load_records
     from repro.editors import make_editor
-    from repro.editors.locate import logits_at, make_batch
+    from repro.editors.locate import make_batch
+    from repro.scoring import logprobs_at
     from repro.editors.prefix import frozen_prefix
     from repro.data.splits import select_requests
     from repro.hooks import edit_output
@@ -88,7 +89,7 @@ def main(argv=None) -> None:
 
     def loss_fn(kl_ref):
         with edit_output(module, lambda out: out + mask * delta):
-            logp = logits_at(lm, batch, positions)
+            logp = logprobs_at(lm, batch, positions)
         tok_lp = logp[:n_rw].gather(-1, batch.labels[:n_rw].unsqueeze(-1)).squeeze(-1)
         lm_ = batch.label_mask[:n_rw]
         nll = -((tok_lp * lm_).sum(1) / lm_.sum(1)).mean()
@@ -99,7 +100,7 @@ def main(argv=None) -> None:
     fwd_kwargs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     with frozen_prefix(lm, fwd_kwargs, layer):
         with torch.no_grad(), edit_output(module, lambda out: out + mask * delta):
-            kl_ref = logits_at(lm, batch, positions)[n_rw:, 0]
+            kl_ref = logprobs_at(lm, batch, positions)[n_rw:, 0]
         for trainable in (False, True):
             lm.model.requires_grad_(trainable)
             try:

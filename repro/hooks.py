@@ -17,20 +17,23 @@ def _first(x):
 
 @contextmanager
 def capture(
-    modules: dict[str, torch.nn.Module], what: str = "output", stop_after: str | None = None
+    modules: dict[str, torch.nn.Module], what: str = "output", stop_after: str | None = None,
+    first: bool = True,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Record the (first) input or output tensor of each named module into the yielded dict.
 
     With ``stop_after`` set to one of the names, the forward pass is cut short right after that
-    module runs by raising :class:`StopForward`, which the caller catches.
+    module runs by raising :class:`StopForward`, which the caller catches. With ``first=False`` the
+    whole input tuple or output (a tuple or a model output object) is recorded as it is.
     """
     if what not in ("input", "output"):
         raise ValueError(f"what must be 'input' or 'output', not {what!r}")
+    pick = _first if first else (lambda x: x)
     store: dict[str, torch.Tensor] = {}
     handles = []
     for name, module in modules.items():
         def hook(mod, args, out, name=name):
-            store[name] = _first(args) if what == "input" else _first(out)
+            store[name] = pick(args) if what == "input" else pick(out)
             if name == stop_after:
                 raise StopForward
 

@@ -54,7 +54,6 @@ import dataclasses
 import logging
 import math
 import time
-import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -66,8 +65,10 @@ from tqdm import tqdm
 from .lifecycle import Run, execute
 from .data.counterfact import Record, load_records
 from .data.text import load_text
+from .adapters import add_lora
 from .models import LoadedModel, load_model
 from .paths import from_root
+from .scoring import logprobs_at, pad_rows
 
 log = logging.getLogger(__name__)
 
@@ -226,22 +227,9 @@ class TaskBatch:
 
 
 def collate_task(task: TaskSet, idx, pad_id: int, device) -> TaskBatch:
-    rows = [task.prompts[i] + task.answers[i][:-1] for i in idx]
-    T, L = max(map(len, rows)), max(len(task.answers[i]) for i in idx)
-    B = len(rows)
-    ids = torch.full((B, T), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, T), dtype=torch.long)
-    pos = torch.zeros((B, L), dtype=torch.long)
-    labels = torch.zeros((B, L), dtype=torch.long)
-    mask = torch.zeros((B, L))
-    for b, (i, row) in enumerate(zip(idx, rows)):
-        n_p, ans = len(task.prompts[i]), task.answers[i]
-        ids[b, : len(row)] = torch.tensor(row)
-        attn[b, : len(row)] = 1
-        pos[b, : len(ans)] = torch.arange(n_p - 1, n_p - 1 + len(ans))
-        labels[b, : len(ans)] = torch.tensor(ans)
-        mask[b, : len(ans)] = 1
-    return TaskBatch(ids.to(device), attn.to(device), pos.to(device), labels.to(device), mask.to(device))
+    """Examples ``idx`` of a task set as a right-padded teacher-forcing batch (:func:`repro.scoring.pad_rows`)."""
+    b = pad_rows([task.prompts[i] for i in idx], [task.answers[i] for i in idx], pad_id, device)
+    return TaskBatch(b.input_ids, b.attention_mask, b.loss_pos, b.labels, b.label_mask)
 
 
 def example_indices(n: int, step: int, micro: int, params: TrainParams) -> np.ndarray:
@@ -318,10 +306,7 @@ def lm_nll(lm: LoadedModel, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 def answer_logprobs(lm: LoadedModel, batch: TaskBatch) -> torch.Tensor:
     """Log-probabilities (B, L, V) at the answer positions only (the unembedding is costly)."""
-    hidden = lm.spec.base_model(lm.model)(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-    picked = hidden.gather(1, batch.positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    return torch.log_softmax(lm.spec.logits(lm.model, picked).float(), dim=-1)
+    return logprobs_at(lm, batch, batch.positions)
 
 
 def answer_nll(lm: LoadedModel, batch: TaskBatch) -> tuple[torch.Tensor, int]:
@@ -382,22 +367,10 @@ def prepare_model(lm: LoadedModel, params: TrainParams) -> list[tuple[str, torch
     if params.intervention in ("cpt", "full_ft"):
         model.requires_grad_(True)
     else:
-        from peft import LoraConfig, get_peft_model
-
         types = lora_targets(lm, params)
-        paths = [lm.spec.matrix_path(l, t) for l in range(lm.n_layers) for t in types]
-        transposed = {t in lm.spec.transposed for t in types}
-        if len(transposed) > 1:
-            raise ValueError("lora_targets mix (out, in) and (in, out) matrices; train them in separate runs")
-        config = LoraConfig(r=params.lora_r, lora_alpha=params.lora_alpha, lora_dropout=params.lora_dropout,
-                            bias="none", target_modules=paths, fan_in_fan_out=transposed.pop())
         model.requires_grad_(False)
-        devices = [lm.device] if lm.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(params.seed)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                wrapped = get_peft_model(model, config, adapter_name=ADAPTER)
+        wrapped = add_lora(lm, [(l, t) for l in range(lm.n_layers) for t in types], rank=params.lora_r,
+                           alpha=params.lora_alpha, dropout=params.lora_dropout, seed=params.seed, adapter=ADAPTER)
         lm.peft_model = wrapped  # keep peft's wrapper alive; the injected layers live in lm.model
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:

@@ -124,7 +124,7 @@ def test_mpes_stops_once_the_target_is_top1(smollm, held_out):
     mpes = optimize_value(smollm, layer, mtype, prompts, req.subject, req.target_new, **kw, early_stop="mpes")
     assert mpes.steps < nll_run.steps
     # at the stopping point the target is top-1 under the found v*
-    from repro.editors.locate import logits_at
+    from repro.scoring import logprobs_at
     from repro.hooks import edit_output
 
     batch = make_batch(smollm, prompts, req.subject, req.target_new)
@@ -133,7 +133,7 @@ def test_mpes_stops_once_the_target_is_top1(smollm, held_out):
     mask = torch.zeros(batch.input_ids.shape + (1,))
     mask[torch.arange(len(prompts)), batch.subject_idx] = 1.0
     with torch.no_grad(), edit_output(module, lambda out: out + mask * shift):
-        lp = logits_at(smollm, batch, batch.loss_pos)
+        lp = logprobs_at(smollm, batch, batch.loss_pos)
     top1 = (lp.argmax(-1) == batch.labels) | (batch.label_mask == 0)
     assert bool(top1.all())
 

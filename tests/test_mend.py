@@ -9,7 +9,8 @@ import torch
 
 from repro.data.counterfact import load_records, to_request
 from repro.editors.base import load_hparams
-from repro.editors.locate import encode_rows, logits_at
+from repro.editors.locate import encode_rows
+from repro.scoring import logprobs_at
 from repro.editors.mend import (
     MEND, MENDHyperParams, MENDNet, Standardizer, gradient_factors, load_mend, matrix_key,
     resolve_matrices, save_mend, target_batch,
@@ -69,7 +70,7 @@ def autograd_weight_grad(lm, layer, mtype, batch) -> torch.Tensor:
     param = lm.spec.matrix_module(lm.model, layer, mtype).weight
     param.requires_grad_(True)
     try:
-        lp = logits_at(lm, batch, batch.loss_pos).gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)
+        lp = logprobs_at(lm, batch, batch.loss_pos).gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)
         loss = (-(lp * batch.label_mask).sum(1) / batch.label_mask.sum(1)).sum()
         (grad,) = torch.autograd.grad(loss, param)
     finally:

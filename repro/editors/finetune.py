@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from ..models import LoadedModel
+from ..scoring import PromptBatch, logprobs_at, row_nll
 from .base import Editor, EditResult, Request, refuse_fp16_training
-from .locate import PromptBatch, encode_rows, logits_at
+from .locate import encode_rows
 
 OBJECTIVES = ("prompt_last", "teacher_forced")
 
@@ -50,17 +51,14 @@ def edit_loss(lm: LoadedModel, batch: PromptBatch, objective: str) -> torch.Tens
     ``prompt_last``: every target token is read from the logits at the last prompt position.
     """
     if objective == "teacher_forced":
-        logp = logits_at(lm, batch, batch.loss_pos)  # (B, L, V)
-        tok_lp = logp.gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)
+        logp = logprobs_at(lm, batch, batch.loss_pos)  # (B, L, V)
     elif objective == "prompt_last":
         # loss_pos[:, 0] is the last prompt token; causal attention makes its logits independent
         # of the target tokens that follow it in the batch
-        logp = logits_at(lm, batch, batch.loss_pos[:, :1])  # (B, 1, V)
-        tok_lp = logp[:, 0].gather(-1, batch.labels)
+        logp = logprobs_at(lm, batch, batch.loss_pos[:, :1])  # (B, 1, V): scores every target token
     else:
         raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
-    mask = batch.label_mask
-    return -(tok_lp * mask).sum(1) / mask.sum(1)
+    return row_nll(logp, batch.labels, batch.label_mask)
 
 
 @dataclass

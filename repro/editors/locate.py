@@ -12,20 +12,8 @@ import torch
 
 from ..hooks import StopForward, capture, edit_output
 from ..models import LoadedModel
+from ..scoring import PromptBatch, logprobs_at, pad_rows, row_nll
 from .prefix import frozen_prefix, select_rows
-
-
-@dataclass
-class PromptBatch:
-    """Right-padded token ids with, per row, the subject's last token and the loss positions."""
-
-    input_ids: torch.Tensor  # (B, T)
-    attention_mask: torch.Tensor  # (B, T)
-    subject_idx: torch.Tensor  # (B,)
-    loss_pos: torch.Tensor  # (B, L): positions whose next-token logits predict the target
-    labels: torch.Tensor  # (B, L): target token ids
-    label_mask: torch.Tensor  # (B, L): 1 where a row has that many target tokens
-    last_idx: torch.Tensor  # (B,): last real token of each row
 
 
 def fill(template: str, subject: str) -> tuple[str, tuple[int, int]]:
@@ -64,39 +52,14 @@ def encode_rows(
     subject's last token index is filled in, else it is the last prompt token.
     """
     tok = lm.tokenizer
-    rows, subj, lens, tgts = [], [], [], []
+    prompts, subj, tgts = [], [], []
     for i, (text, target) in enumerate(zip(texts, targets, strict=True)):
         enc = tok(text, return_offsets_mapping=spans is not None)
         ids = list(enc["input_ids"])
         subj.append(_subject_last_token(enc["offset_mapping"], spans[i]) if spans else len(ids) - 1)
-        tgt = target_ids(tok, target) if target is not None else []
-        lens.append(len(ids))
-        tgts.append(tgt)
-        rows.append(ids + tgt[:-1])
-    T = max(len(r) for r in rows)
-    B, L = len(rows), max(1, max(len(t) for t in tgts))
-    input_ids = torch.full((B, T), tok.pad_token_id, dtype=torch.long)
-    attn = torch.zeros((B, T), dtype=torch.long)
-    loss_pos = torch.zeros((B, L), dtype=torch.long)
-    labels = torch.zeros((B, L), dtype=torch.long)
-    label_mask = torch.zeros((B, L))
-    for b, (row, n, tgt) in enumerate(zip(rows, lens, tgts)):
-        input_ids[b, : len(row)] = torch.tensor(row)
-        attn[b, : len(row)] = 1
-        if tgt:
-            loss_pos[b, : len(tgt)] = torch.arange(n - 1, n - 1 + len(tgt))
-            labels[b, : len(tgt)] = torch.tensor(tgt)
-            label_mask[b, : len(tgt)] = 1
-    dev = lm.device
-    return PromptBatch(
-        input_ids.to(dev),
-        attn.to(dev),
-        torch.tensor(subj, device=dev),
-        loss_pos.to(dev),
-        labels.to(dev),
-        label_mask.to(dev),
-        (attn.sum(1) - 1).to(dev),
-    )
+        prompts.append(ids)
+        tgts.append(target_ids(tok, target) if target is not None else [])
+    return pad_rows(prompts, tgts, tok.pad_token_id, lm.device, subj)
 
 
 def make_batch(
@@ -111,15 +74,6 @@ def make_batch(
     n_tgt = len(templates) - n_plain
     targets = [target if i < n_tgt else None for i in range(len(templates))]
     return encode_rows(lm, [f[0] for f in filled], targets, [f[1] for f in filled])
-
-
-def logits_at(lm: LoadedModel, batch: PromptBatch, positions: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities only at ``positions`` (B, L) — the unembedding is the costly part."""
-    hidden = lm.spec.base_model(lm.model)(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask
-    ).last_hidden_state
-    picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    return torch.log_softmax(lm.spec.logits(lm.model, picked).float(), dim=-1)
 
 
 @torch.no_grad()
@@ -397,13 +351,11 @@ def _optimize_loop(lm, module, add_delta, deltas, opt, state, rows_of, *, steps,
         rows: _Rows = state["rows"]
         opt.zero_grad()
         with edit_output(module, add_delta):
-            logp = logits_at(lm, rows.batch, rows.positions)
+            logp = logprobs_at(lm, rows.batch, rows.positions)
         b = rows.batch
         losses, nll_ts, going = [], [], []
         for a, kl_row in rows.spans:
-            tok_lp = logp[a:kl_row].gather(-1, b.labels[a:kl_row].unsqueeze(-1)).squeeze(-1)
-            lm_ = b.label_mask[a:kl_row]
-            nll_ts.append(-((tok_lp * lm_).sum(1) / lm_.sum(1)).mean())
+            nll_ts.append(row_nll(logp[a:kl_row], b.labels[a:kl_row], b.label_mask[a:kl_row]).mean())
         nlls = torch.stack(nll_ts).tolist()
         if early_stop == "mpes":
             with torch.no_grad():

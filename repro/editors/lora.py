@@ -13,11 +13,11 @@ projections; here the adapter sits on the MLP output matrix, like the other edit
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from ..adapters import add_lora
 from ..models import LoadedModel
 from .base import Editor, EditResult, Request, refuse_fp16_training
 from .finetune import edit_batch, only_trainable, request_info, train_on_edits
@@ -65,26 +65,16 @@ class LoRAEditor(Editor):
         self.calls = int(state.get("calls", 0))
 
     def apply(self, requests: list[Request]) -> EditResult:
-        from peft import LoraConfig, get_peft_model
-
         hp, lm, spec = self.hp, self.lm, self.lm.spec
         if not requests:
             return EditResult(deltas={})
         keys = {spec.matrix_path(l, self.mtype): f"{l}:{self.mtype}" for l in hp.layers}
         before = {k: spec.weight(lm.model, *self._split_key(k)).detach().clone() for k in keys.values()}
-        config = LoraConfig(
-            r=hp.rank, lora_alpha=hp.alpha, lora_dropout=hp.dropout, bias="none",
-            target_modules=list(keys), fan_in_fan_out=self.mtype in spec.transposed,
-        )
         batch = edit_batch(lm, requests)
         flags = {p: p.requires_grad for p in lm.model.parameters()}
         model = lm.model
-        devices = [lm.device] if lm.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(hp.seed + self.calls)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                wrapped = get_peft_model(model, config, adapter_name=ADAPTER)
+        wrapped = add_lora(lm, self.edited_matrices(), rank=hp.rank, alpha=hp.alpha, dropout=hp.dropout,
+                           seed=hp.seed + self.calls, adapter=ADAPTER)
         merged = False
         try:
             factors = {}

@@ -24,6 +24,7 @@ a model and applies edits in place (each call reads the current weights, so edit
 from __future__ import annotations
 
 import dataclasses
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -32,10 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..hooks import capture, edit_output
 from ..models import LoadedModel
 from ..paths import from_root
+from ..scoring import PromptBatch, logprobs_at, row_nll
 from .base import Editor, EditResult, Request
-from .locate import PromptBatch, encode_rows, logits_at
+from .locate import encode_rows
 
 NOTEBOOK = "notebooks/train_mend.ipynb"
 # hyperparameters that fix the network's shape and what it edits: a weights file is only valid
@@ -94,13 +97,6 @@ def target_batch(lm: LoadedModel, requests: list[Request]) -> PromptBatch:
     return encode_rows(lm, [r.prompt.format(r.subject) for r in requests], [r.target_new for r in requests])
 
 
-def row_nll(logp: torch.Tensor, batch: PromptBatch) -> torch.Tensor:
-    """Mean token NLL of each row's target from log-probs at ``batch.loss_pos`` (B, L, V)."""
-    lp = logp.gather(-1, batch.labels.unsqueeze(-1)).squeeze(-1)
-    mask = batch.label_mask
-    return -(lp * mask).sum(1) / mask.sum(1).clamp(min=1)
-
-
 def gradient_factors(
     lm: LoadedModel, matrices: list[tuple[int, str]], batch: PromptBatch, rows: int | None = None
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], torch.Tensor, torch.Tensor]:
@@ -114,27 +110,24 @@ def gradient_factors(
     """
     rows = batch.input_ids.shape[0] if rows is None else rows
     modules = {matrix_key(l, m): lm.spec.matrix_module(lm.model, l, m) for l, m in matrices}
-    inputs: dict[str, torch.Tensor] = {}
     probes: dict[str, torch.Tensor] = {}
-    handles = []
-    for key, module in modules.items():
-        def hook(mod, args, out, key=key):
-            inputs[key] = (args[0] if isinstance(args, tuple) else args).detach()
+
+    def add_probe(key: str):
+        def fn(out):
             probes[key] = torch.zeros_like(out, requires_grad=True)
             return out + probes[key]
+        return fn
 
-        handles.append(module.register_forward_hook(hook))
-    try:
-        with torch.enable_grad():
-            logp = logits_at(lm, batch, batch.loss_pos)
-            nll = row_nll(logp, batch)
-            deltas = torch.autograd.grad(nll[:rows].sum(), [probes[k] for k in modules])
-    finally:
-        for h in handles:
-            h.remove()
+    with ExitStack() as stack, torch.enable_grad():
+        inputs = stack.enter_context(capture(modules, what="input"))
+        for key, module in modules.items():
+            stack.enter_context(edit_output(module, add_probe(key)))
+        logp = logprobs_at(lm, batch, batch.loss_pos)
+        nll = row_nll(logp, batch.labels, batch.label_mask)
+        deltas = torch.autograd.grad(nll[:rows].sum(), [probes[k] for k in modules])
     mask = batch.attention_mask[:rows].bool()
     factors = {
-        key: (inputs[key][:rows][mask].float(), d[:rows][mask].float())
+        key: (inputs[key].detach()[:rows][mask].float(), d[:rows][mask].float())
         for key, d in zip(modules, deltas)
     }
     return factors, logp.detach(), nll.detach()

@@ -37,13 +37,15 @@ from ..lifecycle import Run, execute
 from ..data.counterfact import Record, load_records, to_request
 from ..data.splits import split_of
 from ..measure.rewrite import record_scores
+from ..hooks import capture
 from ..models import LoadedModel, copy_weights, load_model, put_weights
 from ..paths import from_root
+from ..scoring import PromptBatch, logprobs_at, row_nll
 from .base import load_hparams
-from .locate import PromptBatch, encode_rows
+from .locate import encode_rows
 from .mend import (
-    MEND, MENDHyperParams, MENDNet, gradient_factors, matrix_key, resolve_matrices, row_nll,
-    load_mend, save_mend, target_batch,
+    MEND, MENDHyperParams, MENDNet, gradient_factors, load_mend, matrix_key, resolve_matrices, save_mend,
+    target_batch,
 )
 
 log = logging.getLogger(__name__)
@@ -116,12 +118,6 @@ def hidden_states(
     return torch.func.functional_call(base, params, (), kwargs).last_hidden_state
 
 
-def logprobs_at(lm: LoadedModel, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities (B, P, V) at ``positions`` (B, P) of final hidden states."""
-    picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
-    return torch.log_softmax(lm.spec.logits(lm.model, picked).float(), dim=-1)
-
-
 def all_positions(batch: PromptBatch, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
     """Every position of ``rows`` with its real-token mask (for KL over whole prompts)."""
     mask = batch.attention_mask[rows]
@@ -171,7 +167,8 @@ def meta_loss(
     m = len(texts)
     second = encode_rows(lm, texts + texts + loc_texts, new_t + true_t + [None] * n_loc)
     hidden = hidden_states(lm, second, matrices, deltas)
-    nll = row_nll(logprobs_at(lm, hidden[: 2 * m], second.loss_pos[: 2 * m]), _rows(second, slice(0, 2 * m)))
+    nll = row_nll(logprobs_at(lm, hidden[: 2 * m], second.loss_pos[: 2 * m]), second.labels[: 2 * m],
+                  second.label_mask[: 2 * m])
     nll_new, nll_true = nll[:m], nll[m:]
     edit_loss = nll_new.mean()
     if n_loc:
@@ -194,20 +191,11 @@ def meta_loss(
     }
 
 
-def _rows(batch: PromptBatch, rows: slice) -> PromptBatch:
-    return PromptBatch(*(getattr(batch, f.name)[rows] for f in dataclasses.fields(PromptBatch)))
-
-
 def _factors_and_hidden(lm, matrices, batch, rows):
     """:func:`gradient_factors` plus the final hidden states of every row of that pass."""
-    store_: dict[str, torch.Tensor] = {}
-    base = lm.spec.base_model(lm.model)
-    handle = base.register_forward_hook(lambda mod, args, out: store_.__setitem__("h", out.last_hidden_state.detach()))
-    try:
+    with capture({"base": lm.spec.base_model(lm.model)}, first=False) as got:
         factors, _, _ = gradient_factors(lm, matrices, batch, rows)
-    finally:
-        handle.remove()
-    return factors, store_["h"]
+    return factors, got["base"].last_hidden_state.detach()
 
 
 # --------------------------------------------------------------------------------------------
@@ -231,7 +219,8 @@ def validate(lm: LoadedModel, net: MENDNet, matrices, records: list[Record], cfg
         m = len(prompts)
         second = encode_rows(lm, prompts + prompts + neigh, [rw.target_new] * m + [rw.target_true] * m + [None] * len(neigh))
         hidden = hidden_states(lm, second, matrices, deltas)
-        nll = row_nll(logprobs_at(lm, hidden[: 2 * m], second.loss_pos[: 2 * m]), _rows(second, slice(0, 2 * m)))
+        nll = row_nll(logprobs_at(lm, hidden[: 2 * m], second.loss_pos[: 2 * m]), second.labels[: 2 * m],
+                      second.label_mask[: 2 * m])
         win = (nll[:m] < nll[m:]).float().cpu().numpy()
         n_edit = m - len(neigh)
         out["es"].append(win[0])

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 import torch
 
+from ..hooks import StopForward, capture
 from ..models import LoadedModel
 
 
@@ -78,28 +79,13 @@ def frozen_prefix(lm: LoadedModel, forward_kwargs: dict, n_layers: int) -> Itera
     if n_layers == 0:
         yield []
         return
-    outputs: dict[int, object] = {}
-    handles = [
-        layers[i].register_forward_hook(lambda m, a, out, i=i: outputs.__setitem__(i, _detach(out)))
-        for i in range(n_layers)
-    ]
-
-    class _Done(Exception):
-        pass
-
-    def stop(m, a, out):
-        raise _Done
-
-    handles.append(layers[n_layers - 1].register_forward_hook(stop))
-    try:
-        with torch.no_grad():
-            try:
-                lm.model(**forward_kwargs)
-            except _Done:
-                pass
-    finally:
-        for h in handles:
-            h.remove()
+    names = {str(i): layers[i] for i in range(n_layers)}
+    with torch.no_grad(), capture(names, stop_after=str(n_layers - 1), first=False) as got:
+        try:
+            lm.model(**forward_kwargs)
+        except StopForward:
+            pass
+    outputs = {i: _detach(got[str(i)]) for i in range(n_layers)}
     originals = [layers[i] for i in range(n_layers)]
     stand_ins = [_Replay(originals[i], outputs[i]) for i in range(n_layers)]
     try:

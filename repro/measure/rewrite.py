@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..editors.locate import encode_rows, logits_at, target_ids
+from ..editors.locate import encode_rows, target_ids
 from ..models import LoadedModel
+from ..scoring import logprobs_at, row_nll
 
 
 @torch.no_grad()
@@ -17,8 +18,7 @@ def target_nll(lm: LoadedModel, texts: list[str], targets: list[str], batch_size
     out = []
     for i in range(0, len(texts), batch_size):
         b = encode_rows(lm, texts[i : i + batch_size], targets[i : i + batch_size])
-        lp = logits_at(lm, b, b.loss_pos).gather(-1, b.labels.unsqueeze(-1)).squeeze(-1)
-        out.append((-(lp * b.label_mask).sum(1) / b.label_mask.sum(1)).cpu().numpy())
+        out.append(row_nll(logprobs_at(lm, b, b.loss_pos), b.labels, b.label_mask).cpu().numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 
@@ -44,7 +44,7 @@ def compare_targets(
     for start in range(0, len(single), batch_size):
         rows = single[start : start + batch_size]
         b = encode_rows(lm, [texts[i] for i in rows], [None] * len(rows))
-        lp = logits_at(lm, b, b.subject_idx.unsqueeze(1))[:, 0]  # (B, V) at each prompt's last token
+        lp = logprobs_at(lm, b, b.subject_idx.unsqueeze(1))[:, 0]  # (B, V) at each prompt's last token
         pair = torch.tensor([[ids_new[i][0], ids_true[i][0]] for i in rows], device=lp.device)
         got = -lp.gather(1, pair).cpu().numpy()
         nll_new[rows], nll_true[rows] = got[:, 0], got[:, 1]
