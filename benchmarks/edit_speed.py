@@ -161,7 +161,8 @@ def micro(model: str) -> list[dict]:
     vocabulary at every position, and stopping the forward pass after the key layer."""
     import torch
 
-    from repro.editors.locate import context_templates, make_batch, subject_keys
+    from repro.editors.locate import context_templates, subject_keys
+    from repro.scoring import make_batch
     from repro.scoring import logprobs_at
     from repro.hooks import capture, edit_output
     from repro.models import load_model

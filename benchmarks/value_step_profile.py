@@ -61,7 +61,7 @@ def main(argv=None) -> None:
 
     from repro.data.counterfact import load_records
     from repro.editors import make_editor
-    from repro.editors.locate import make_batch
+    from repro.scoring import make_batch
     from repro.scoring import logprobs_at
     from repro.editors.prefix import frozen_prefix
     from repro.data.splits import select_requests

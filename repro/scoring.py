@@ -1,5 +1,6 @@
-"""Scoring target tokens after prompts: right-padded teacher-forcing batches, log-probabilities at
-chosen positions, and each row's mean target NLL.
+"""Prompt batching and scoring of target tokens after prompts: templates filled with a subject,
+right-padded teacher-forcing batches with the subject's last token, log-probabilities at chosen
+positions, and each row's mean target NLL.
 
 The one implementation shared by the editors (value optimisation, FT-L/FT-M/LoRA, MEND and its
 meta-training), the CounterFact measures and the post-training runs. It knows nothing of editors or
@@ -103,3 +104,63 @@ def row_nll(logp: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tor
     else:
         raise ValueError(f"log-probs at {logp.shape[1]} positions for {labels.shape[1]} target tokens")
     return -(tok_lp * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def fill(template: str, subject: str) -> tuple[str, tuple[int, int]]:
+    """Fill the single ``{}`` of a template with the subject; return the text and subject span."""
+    if template.count("{}") != 1:
+        raise ValueError(f"template must contain exactly one '{{}}': {template!r}")
+    start = template.index("{}")
+    return template.replace("{}", subject), (start, start + len(subject))
+
+
+def _subject_last_token(offsets: list[tuple[int, int]], span: tuple[int, int]) -> int:
+    idx = [i for i, (a, b) in enumerate(offsets) if b > a and a < span[1] and b > span[0]]
+    if not idx:
+        raise ValueError(f"no token overlaps the subject span {span}")
+    return idx[-1]
+
+
+def target_ids(tok, target: str) -> list[int]:
+    """Token ids of a target object as it follows a prompt (with its leading space)."""
+    ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"target {target!r} tokenizes to nothing")
+    return ids
+
+
+def encode_rows(
+    lm: LoadedModel,
+    texts: list[str],
+    targets: list[str | None],
+    spans: list[tuple[int, int]] | None = None,
+) -> PromptBatch:
+    """Right-padded batch of ``text + all but the last target token`` per row.
+
+    ``loss_pos``/``labels`` say where each target token is predicted; rows whose target is None
+    get an all-zero label mask. With ``spans`` (character span of the subject in each text) the
+    subject's last token index is filled in, else it is the last prompt token.
+    """
+    tok = lm.tokenizer
+    prompts, subj, tgts = [], [], []
+    for i, (text, target) in enumerate(zip(texts, targets, strict=True)):
+        enc = tok(text, return_offsets_mapping=spans is not None)
+        ids = list(enc["input_ids"])
+        subj.append(_subject_last_token(enc["offset_mapping"], spans[i]) if spans else len(ids) - 1)
+        prompts.append(ids)
+        tgts.append(target_ids(tok, target) if target is not None else [])
+    return pad_rows(prompts, tgts, tok.pad_token_id, lm.device, subj)
+
+
+def make_batch(
+    lm: LoadedModel, templates: list[str], subject: str, target: str | None = None, n_plain: int = 0
+) -> PromptBatch:
+    """The templates filled with ``subject``, each followed by the target (see :func:`encode_rows`).
+
+    The last ``n_plain`` templates get no target, so that prompts with other losses can share one
+    forward pass.
+    """
+    filled = [fill(t, subject) for t in templates]
+    n_tgt = len(templates) - n_plain
+    targets = [target if i < n_tgt else None for i in range(len(templates))]
+    return encode_rows(lm, [f[0] for f in filled], targets, [f[1] for f in filled])

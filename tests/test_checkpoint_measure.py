@@ -2,7 +2,6 @@
 resume; the metrics themselves are tested in test_downstream and test_measure_activations)."""
 from __future__ import annotations
 
-import dataclasses
 
 import numpy as np
 import pytest

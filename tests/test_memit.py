@@ -8,7 +8,8 @@ import torch
 
 from repro.data.counterfact import EditRequest, load_records
 from repro.editors import make_editor
-from repro.editors.locate import make_batch, optimize_value
+from repro.editors.locate import optimize_value
+from repro.scoring import make_batch
 from repro.data.splits import select_requests
 from repro.measure.rewrite import compare_targets, prefers_new
 from repro.paths import from_root

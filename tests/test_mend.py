@@ -9,7 +9,6 @@ import torch
 
 from repro.data.counterfact import load_records, to_request
 from repro.editors.base import load_hparams
-from repro.editors.locate import encode_rows
 from repro.scoring import logprobs_at
 from repro.editors.mend import (
     MEND, MENDHyperParams, MENDNet, Standardizer, gradient_factors, load_mend, matrix_key,

@@ -30,7 +30,7 @@ import torch
 from ..models import LoadedModel
 from ..scoring import PromptBatch, logprobs_at, row_nll
 from .base import Editor, EditResult, Request, refuse_fp16_training
-from .locate import encode_rows
+from ..scoring import encode_rows
 
 OBJECTIVES = ("prompt_last", "teacher_forced")
 

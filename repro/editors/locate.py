@@ -1,5 +1,5 @@
-"""Plumbing shared by the locate-and-edit editors: prompt batches with subject positions, the keys
-of a matrix at the subject's last token, random context prefixes, and the optimisation of the
+"""Plumbing shared by the locate-and-edit editors: the keys of a matrix at the subject's last
+token (prompt batches with subject positions come from :mod:`repro.scoring`), random context prefixes, and the optimisation of the
 target value v* (the vector the edited matrix must output for the subject).
 """
 from __future__ import annotations
@@ -12,68 +12,8 @@ import torch
 
 from ..hooks import StopForward, capture, edit_output
 from ..models import LoadedModel
-from ..scoring import PromptBatch, logprobs_at, pad_rows, row_nll
+from ..scoring import PromptBatch, encode_rows, fill, logprobs_at, make_batch, row_nll, target_ids
 from .prefix import frozen_prefix, select_rows
-
-
-def fill(template: str, subject: str) -> tuple[str, tuple[int, int]]:
-    """Fill the single ``{}`` of a template with the subject; return the text and subject span."""
-    if template.count("{}") != 1:
-        raise ValueError(f"template must contain exactly one '{{}}': {template!r}")
-    start = template.index("{}")
-    return template.replace("{}", subject), (start, start + len(subject))
-
-
-def _subject_last_token(offsets: list[tuple[int, int]], span: tuple[int, int]) -> int:
-    idx = [i for i, (a, b) in enumerate(offsets) if b > a and a < span[1] and b > span[0]]
-    if not idx:
-        raise ValueError(f"no token overlaps the subject span {span}")
-    return idx[-1]
-
-
-def target_ids(tok, target: str) -> list[int]:
-    """Token ids of a target object as it follows a prompt (with its leading space)."""
-    ids = tok(" " + target.strip(), add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"target {target!r} tokenizes to nothing")
-    return ids
-
-
-def encode_rows(
-    lm: LoadedModel,
-    texts: list[str],
-    targets: list[str | None],
-    spans: list[tuple[int, int]] | None = None,
-) -> PromptBatch:
-    """Right-padded batch of ``text + all but the last target token`` per row.
-
-    ``loss_pos``/``labels`` say where each target token is predicted; rows whose target is None
-    get an all-zero label mask. With ``spans`` (character span of the subject in each text) the
-    subject's last token index is filled in, else it is the last prompt token.
-    """
-    tok = lm.tokenizer
-    prompts, subj, tgts = [], [], []
-    for i, (text, target) in enumerate(zip(texts, targets, strict=True)):
-        enc = tok(text, return_offsets_mapping=spans is not None)
-        ids = list(enc["input_ids"])
-        subj.append(_subject_last_token(enc["offset_mapping"], spans[i]) if spans else len(ids) - 1)
-        prompts.append(ids)
-        tgts.append(target_ids(tok, target) if target is not None else [])
-    return pad_rows(prompts, tgts, tok.pad_token_id, lm.device, subj)
-
-
-def make_batch(
-    lm: LoadedModel, templates: list[str], subject: str, target: str | None = None, n_plain: int = 0
-) -> PromptBatch:
-    """The templates filled with ``subject``, each followed by the target (see :func:`encode_rows`).
-
-    The last ``n_plain`` templates get no target, so that prompts with other losses can share one
-    forward pass.
-    """
-    filled = [fill(t, subject) for t in templates]
-    n_tgt = len(templates) - n_plain
-    targets = [target if i < n_tgt else None for i in range(len(templates))]
-    return encode_rows(lm, [f[0] for f in filled], targets, [f[1] for f in filled])
 
 
 @torch.no_grad()

@@ -30,7 +30,8 @@ from ..models import LoadedModel, get_module
 from ..stats import second_moments
 from .base import Editor, EditResult, Request
 from .linalg import alphaedit_update, emmet_update, memit_update, null_space_projector, threshold_from_spectrum
-from .locate import ValueRequest, ValueResult, context_templates, encode_rows, fill, optimize_values, subject_keys
+from ..scoring import encode_rows, fill
+from .locate import ValueRequest, ValueResult, context_templates, optimize_values, subject_keys
 
 
 @dataclass

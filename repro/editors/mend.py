@@ -38,7 +38,7 @@ from ..models import LoadedModel
 from ..paths import from_root
 from ..scoring import PromptBatch, logprobs_at, row_nll
 from .base import Editor, EditResult, Request
-from .locate import encode_rows
+from ..scoring import encode_rows
 
 NOTEBOOK = "notebooks/train_mend.ipynb"
 # hyperparameters that fix the network's shape and what it edits: a weights file is only valid

@@ -42,7 +42,7 @@ from ..models import LoadedModel, copy_weights, load_model, put_weights
 from ..paths import from_root
 from ..scoring import PromptBatch, logprobs_at, row_nll
 from .base import load_hparams
-from .locate import encode_rows
+from ..scoring import encode_rows
 from .mend import (
     MEND, MENDHyperParams, MENDNet, gradient_factors, load_mend, matrix_key, resolve_matrices, save_mend,
     target_batch,

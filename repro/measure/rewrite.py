@@ -4,9 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..editors.locate import encode_rows, target_ids
 from ..models import LoadedModel
-from ..scoring import logprobs_at, row_nll
+from ..scoring import encode_rows, logprobs_at, row_nll, target_ids
 
 
 @torch.no_grad()
