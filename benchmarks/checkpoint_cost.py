@@ -58,7 +58,7 @@ def main(argv=None) -> None:
     from repro.data.splits import held_out_records, select_records
     from repro.measure.checkpoint import PARTS, MeasureParams, Measurer
     from repro.measure.quality import edit_quality
-    from repro.models import load_model
+    from repro.core.models import load_model
 
     lm = load_model(args.model)
     facts = load_records(ROOT / args.facts)

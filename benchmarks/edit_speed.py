@@ -38,7 +38,7 @@ def _rss_mib() -> float:
 def _dtype():
     """The model precision of this benchmark (``--dtype``, passed to the per-configuration children
     through ``NORMGROWTH_DTYPE``)."""
-    from repro.models import DTYPES
+    from repro.core.models import DTYPES
 
     return DTYPES[os.environ.get("NORMGROWTH_DTYPE", "float32")]
 
@@ -50,7 +50,7 @@ def one_config(model: str, editor: str, early_stop: str | None, n_edits: int, se
     from repro.data.counterfact import load_records
     from repro.editors import make_editor
     from repro.data.splits import select_requests
-    from repro.models import load_model
+    from repro.core.models import load_model
 
     lm = load_model(model, dtype=_dtype())
     rss_model = _rss_mib()
@@ -98,7 +98,7 @@ def values_config(model: str, editor: str, joint: bool, n: int, steps: int | Non
     from repro.data.counterfact import load_records
     from repro.editors import make_editor
     from repro.data.splits import select_requests
-    from repro.models import load_model
+    from repro.core.models import load_model
 
     lm = load_model(model, dtype=_dtype())
     rss_model = _rss_mib()
@@ -162,10 +162,10 @@ def micro(model: str) -> list[dict]:
     import torch
 
     from repro.editors.locate import context_templates, subject_keys
-    from repro.scoring import make_batch
-    from repro.scoring import logprobs_at
-    from repro.hooks import capture, edit_output
-    from repro.models import load_model
+    from repro.core.scoring import make_batch
+    from repro.core.scoring import logprobs_at
+    from repro.core.hooks import capture, edit_output
+    from repro.core.models import load_model
 
     lm = load_model(model, dtype=_dtype())
     templates = [t.replace("{}", "{} plays the") for t in context_templates(lm, 0)]

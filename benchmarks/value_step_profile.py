@@ -61,12 +61,12 @@ def main(argv=None) -> None:
 
     from repro.data.counterfact import load_records
     from repro.editors import make_editor
-    from repro.scoring import make_batch
-    from repro.scoring import logprobs_at
+    from repro.core.scoring import make_batch
+    from repro.core.scoring import logprobs_at
     from repro.editors.prefix import frozen_prefix
     from repro.data.splits import select_requests
-    from repro.hooks import edit_output
-    from repro.models import load_model
+    from repro.core.hooks import edit_output
+    from repro.core.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

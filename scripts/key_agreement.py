@@ -7,13 +7,13 @@ compare the key of the plain rewrite prompt with the key averaged over r-ROME's 
 Writes a NetCDF file (dim ``fact``: cosine, share of the update the plain prompt receives, whether
 the subject opens the prompt, whether its last token changes without the leading space, and ES of every
 single-edit run of the profile on the same facts) that the book's efficacy page reads; the run
-itself is :func:`repro.efficacy.run_key_agreement`.
+itself is :func:`repro.runs.efficacy.run_key_agreement`.
 """
 from __future__ import annotations
 
 import argparse
 
-from repro.efficacy import KeyAgreementParams, key_agreement_table, run_key_agreement
+from repro.runs.efficacy import KeyAgreementParams, key_agreement_table, run_key_agreement
 
 
 def main() -> None:

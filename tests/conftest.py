@@ -8,7 +8,7 @@ import torch
 
 @pytest.fixture(scope="session")
 def smollm():
-    from repro.models import load_model
+    from repro.core.models import load_model
 
     torch.manual_seed(0)
     return load_model("smollm2-135m", device="cpu")
@@ -31,7 +31,7 @@ def tiny_lm():
     to exercise editor plumbing end to end (its edits mean nothing, its shapes and code paths do)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from repro.models import LoadedModel, cache_dir, load_model, spec_for
+    from repro.core.models import LoadedModel, cache_dir, load_model, spec_for
 
     src = cache_dir() / "models" / "smollm2-135m"
     if not (src / "tokenizer_config.json").exists():
@@ -54,7 +54,7 @@ def make_tiny(tiny_lm):
     tokenizer: ``make_tiny(family, n_layers=4, sliding_window=4, n_positions=128)``."""
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, GPT2Config, LlamaConfig
 
-    from repro.models import LoadedModel, spec_for
+    from repro.core.models import LoadedModel, spec_for
 
     def make(family: str, n_layers: int = 4, sliding_window: int = 4, n_positions: int = 128) -> LoadedModel:
         tok = tiny_lm.tokenizer

@@ -1,4 +1,4 @@
-"""repro.adapters.add_lora: seeded LoRA adapters on exactly the named matrices."""
+"""repro.core.adapters.add_lora: seeded LoRA adapters on exactly the named matrices."""
 from __future__ import annotations
 
 import copy
@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from repro.adapters import add_lora
+from repro.core.adapters import add_lora
 
 
 def test_add_lora_wraps_the_named_matrices_with_a_seeded_init(tiny_lm):

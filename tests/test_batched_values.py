@@ -15,7 +15,7 @@ import torch
 from repro.data.counterfact import EditRequest
 from repro.editors import make_editor
 from repro.editors.locate import ValueRequest, optimize_values
-from repro.models import get_module
+from repro.core.models import get_module
 
 FACTS = [("Tourists in Paris visit {}", "the Eiffel Tower", "daily"),
          ("The films of {}", "Danielle Darrieux", "English"),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from repro.paths import ROOT
+from repro.core.paths import ROOT
 
 PAGE = """---
 jupytext:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from repro import experiment
-from repro.experiment import SequentialParams, run_sequential
+from repro.runs import sequential as experiment
+from repro.runs.sequential import SequentialParams, run_sequential
 from repro.measure.checkpoint import MeasureParams
 
 CHEAP = {"layer": 1, "v_steps": 2, "stats_tokens": 2000, "n_prefix_short": 1, "n_prefix_long": 1}
@@ -95,7 +95,7 @@ def test_figures_and_table_draw_from_a_measured_run(measured):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from repro import measured as M
+    from repro.reporting import figures as M
 
     p, ds = measured
     runs = {"tiny": (ds, p.output)}
@@ -117,7 +117,7 @@ def test_figures_and_table_draw_from_a_measured_run(measured):
 
 
 def test_off_scale_runs_picks_only_a_run_far_above_the_rest():
-    from repro.measured import off_scale_runs
+    from repro.reporting.figures import off_scale_runs
 
     def runs(*peaks):
         return {f"r{i}": ({"ppl": np.array([14.0, p])}, None) for i, p in enumerate(peaks)}

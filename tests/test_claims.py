@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from repro import claims
-from repro.claims import HOLDS, NOT_REPRODUCED, NOT_TESTED, PART
+from repro.reporting import claims
+from repro.reporting.claims import HOLDS, NOT_REPRODUCED, NOT_TESTED, PART
 
 
 def post_run(ratio: float, wd: float = 0.0):
@@ -115,7 +115,7 @@ def test_the_committed_runs_give_a_verdict_for_every_claim():
 
 
 def test_the_readme_results_are_the_generated_verdicts():
-    from repro.paths import ROOT
+    from repro.core.paths import ROOT
 
     text = (ROOT / "README.md").read_text()
-    assert claims.readme_block(claims.verdicts()) in text, "README results drifted: python -m repro.claims --readme"
+    assert claims.readme_block(claims.verdicts()) in text, "README results drifted: python -m repro.reporting.claims --readme"

@@ -264,7 +264,7 @@ def test_cached_scoring_matches_full_sequences() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from repro.data.build_facts import _score_batch
-    from repro.models import SPECS, LoadedModel
+    from repro.core.models import SPECS, LoadedModel
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -17,7 +17,7 @@ from repro.data import load_records
 from repro.data.tasks import Example, FewShotTask, load_task, parse_task, save_task, split_balanced, task_names
 from repro.measure import downstream as ds
 from repro.measure.checkpoint import MeasureParams
-from repro.models import LoadedModel
+from repro.core.models import LoadedModel
 
 REPO = Path(__file__).resolve().parents[1]
 

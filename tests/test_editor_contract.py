@@ -130,7 +130,7 @@ def test_resume_ends_where_the_uninterrupted_sequence_does(key, fresh, tmp_path)
     torch.save({"weights": edited_weights(first), "editor": first.state_dict()}, tmp_path / "resume.pt")
     saved = torch.load(tmp_path / "resume.pt", weights_only=False)
 
-    # as repro.experiment resumes: a fresh editor on the unedited model prepares its statistics,
+    # as repro.runs.sequential resumes: a fresh editor on the unedited model prepares its statistics,
     # then the saved edited matrices and editor state are put back
     lm = fresh()
     resumed = build(key, lm, tmp_path)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from repro import efficacy, experiment
-from repro.efficacy import EfficacyParams, run_efficacy, summarize
-from repro.experiment import SequentialParams, run_sequential
+from repro.runs import efficacy, sequential as experiment
+from repro.runs.efficacy import EfficacyParams, run_efficacy, summarize
+from repro.runs.sequential import SequentialParams, run_sequential
 
 TINY_ROME = {"layer": 1, "v_steps": 3, "stats_tokens": 2000, "n_prefix_short": 1, "n_prefix_long": 1}
 TINY_ENCORE = {"layers": [1, 2], "v_steps": 3, "stats_tokens": 2000, "n_prefix_short": 1, "n_prefix_long": 1}

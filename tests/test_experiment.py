@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from repro import experiment
+from repro.runs import sequential as experiment
 from repro.data import splits
-from repro.experiment import SequentialParams, run_sequential
+from repro.runs.sequential import SequentialParams, run_sequential
 from repro.data.splits import select_requests
 from repro.data.counterfact import load_records
-from repro.paths import from_root
+from repro.core.paths import from_root
 
 CHEAP = {"v_steps": 3, "stats_tokens": 4000, "n_prefix_short": 1, "n_prefix_long": 1}
 

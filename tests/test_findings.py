@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from repro import findings as F
+from repro.reporting import findings as F
 
 CKPT = np.array([0, 5, 10])
 SITES = ["resid", "attn", "mlp"]

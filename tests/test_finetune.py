@@ -10,7 +10,7 @@ from repro.editors.finetune import FTL, FTM, edit_batch, edit_loss
 from repro.editors.lora import LoRAEditor
 from repro.data.splits import select_requests
 from repro.measure.rewrite import compare_targets, prefers_new
-from repro.paths import from_root
+from repro.core.paths import from_root
 
 FACTS = from_root("data/facts/smollm2-135m.json")
 
@@ -245,7 +245,7 @@ def tiny_gpt2(tiny_lm):
     """A tiny random GPT-2 (Conv1D weights stored as (in, out)) with the same tokenizer."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from repro.models import LoadedModel, spec_for
+    from repro.core.models import LoadedModel, spec_for
 
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=len(tiny_lm.tokenizer), n_embd=32, n_layer=3, n_head=4, n_positions=128)

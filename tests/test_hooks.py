@@ -1,10 +1,10 @@
-"""repro.hooks: recording module inputs/outputs, cutting a forward pass short, editing outputs."""
+"""repro.core.hooks: recording module inputs/outputs, cutting a forward pass short, editing outputs."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from repro.hooks import StopForward, capture, edit_output
+from repro.core.hooks import StopForward, capture, edit_output
 
 
 class Pair(torch.nn.Module):

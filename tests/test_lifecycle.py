@@ -1,4 +1,4 @@
-"""The one run lifecycle (repro.lifecycle) on a toy run kind, and the run kinds that joined it last
+"""The one run lifecycle (repro.runs.lifecycle) on a toy run kind, and the run kinds that joined it last
 (layer sweep, key agreement) end to end on a tiny model."""
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from repro import efficacy, layer_sweep, store
-from repro.lifecycle import Run, execute
+from repro.runs import efficacy, layer_sweep
+
+from repro.core import store
+from repro.runs.lifecycle import Run, execute
 
 
 @dataclass

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from repro import experiment
-from repro.experiment import SequentialParams, run_sequential
+from repro.runs import sequential as experiment
+from repro.runs.sequential import SequentialParams, run_sequential
 from repro.measure.collapse import CollapseParams, collapsed_for, first_collapse
 from repro.measure.quality import estimate, quality_sample
 
@@ -142,7 +142,7 @@ def test_resume_state_from_before_a_new_parameter_still_resumes():
 
 
 def test_a_run_whose_output_is_being_written_is_refused(tmp_path, tiny_dir):
-    from repro import store
+    from repro.core import store
 
     p = params(tmp_path, tiny_dir)
     with store.RunLock(p.output):  # as if another process were writing this run
@@ -153,7 +153,7 @@ def test_a_run_whose_output_is_being_written_is_refused(tmp_path, tiny_dir):
 
 
 def test_a_damaged_state_file_is_set_aside_and_the_run_starts_over(tmp_path, tiny_dir, caplog):
-    from repro import store
+    from repro.core import store
 
     p = params(tmp_path, tiny_dir, n_edits=2)
     state = store.state_path(p.output)
@@ -169,7 +169,7 @@ def test_a_damaged_state_file_is_set_aside_and_the_run_starts_over(tmp_path, tin
 def test_crossing_edit_is_where_an_edited_matrix_passes_the_largest_unedited_one():
     import xarray as xr
 
-    from repro.report import crossing_edit
+    from repro.reporting.tables import crossing_edit
 
     norms = np.zeros((4, 3, 1))
     norms[:, 0, 0] = [10.0, 11.0, 12.0, 13.0]  # edited layer 0
@@ -191,7 +191,7 @@ def test_long_growth_figure_marks_crossing_and_collapse():
     matplotlib.use("Agg")
     import xarray as xr
 
-    from repro.measured import long_runs, plot_long_norm_growth
+    from repro.reporting.figures import long_runs, plot_long_norm_growth
 
     def run(editor, n, growth, collapse):
         steps = np.array([0, 10, 100, 1000][: 2 + (n >= 1000) * 2])
@@ -214,8 +214,8 @@ def test_long_growth_figure_marks_crossing_and_collapse():
 
 def test_snapshot_of_an_interrupted_run_shows_its_progress_and_is_not_taken_for_done(tmp_path, tiny_dir,
                                                                                      monkeypatch, interrupt_at):
-    from repro.experiment import progress_path, snapshot
-    from repro.store import read_netcdf
+    from repro.runs.sequential import progress_path, snapshot
+    from repro.core.store import read_netcdf
 
     p = params(tmp_path, tiny_dir, n_edits=4, measure_at=[2],
                measure=dict(SMALL, parts=["quality"]))
@@ -261,7 +261,7 @@ def _long_file(editor, n_done, planned, growth, batch=1, stop="completed", probe
 def test_long_run_table_reads_growth_crossing_and_status_from_the_files():
     import pandas as pd
 
-    from repro.report import growth_at, long_run_table
+    from repro.reporting.tables import growth_at, long_run_table
 
     runs = {"a": _long_file("rome", 1000, 3000, 4.0, stop="in progress", probe_last=130.0),
             "b": _long_file("memit", 3000, 3000, 1.1, batch=10)}
@@ -283,7 +283,7 @@ def test_probe_figure_draws_ratios_and_the_threshold():
     import matplotlib
 
     matplotlib.use("Agg")
-    from repro.measured import plot_probe
+    from repro.reporting.figures import plot_probe
 
     ax = plot_probe({"a": _long_file("rome", 100, 3000, 2.0, probe_last=65.0)}, factor=10.0)
     line = next(l for l in ax.lines if l.get_label() == "ROME")
@@ -307,8 +307,8 @@ def test_f2_overview_and_f3_layer_ratios_draw_the_files_values():
     import matplotlib
 
     matplotlib.use("Agg")
-    from repro.plots import plot_layer_ratios, plot_norm_growth_overview
-    from repro.report import norm_growth_frame
+    from repro.reporting.plots import plot_layer_ratios, plot_norm_growth_overview
+    from repro.reporting.tables import norm_growth_frame
 
     runs = {"a": _long_file("rome", 10, 10, 1.5), "b": _long_file("memit", 10, 10, 1.1)}
     for ds, _ in runs.values():

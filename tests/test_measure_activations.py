@@ -27,7 +27,7 @@ from repro.measure.subspace import (
     project,
     subspace_overlap,
 )
-from repro.models import LoadedModel, get_module, spec_for
+from repro.core.models import LoadedModel, get_module, spec_for
 
 TEXTS = [
     "The mother tongue of Danielle Darrieux is",

@@ -9,10 +9,10 @@ import torch
 from repro.data.counterfact import EditRequest, load_records
 from repro.editors import make_editor
 from repro.editors.locate import optimize_value
-from repro.scoring import make_batch
+from repro.core.scoring import make_batch
 from repro.data.splits import select_requests
 from repro.measure.rewrite import compare_targets, prefers_new
-from repro.paths import from_root
+from repro.core.paths import from_root
 
 BATCH = ["memit", "emmet", "alphaedit", "encore"]
 TINY = {"layers": [1, 2], "stats_tokens": 3000, "v_steps": 3, "n_prefix_short": 2, "n_prefix_long": 1}
@@ -125,8 +125,8 @@ def test_mpes_stops_once_the_target_is_top1(smollm, held_out):
     mpes = optimize_value(smollm, layer, mtype, prompts, req.subject, req.target_new, **kw, early_stop="mpes")
     assert mpes.steps < nll_run.steps
     # at the stopping point the target is top-1 under the found v*
-    from repro.scoring import logprobs_at
-    from repro.hooks import edit_output
+    from repro.core.scoring import logprobs_at
+    from repro.core.hooks import edit_output
 
     batch = make_batch(smollm, prompts, req.subject, req.target_new)
     module = smollm.spec.matrix_module(smollm.model, layer, mtype)

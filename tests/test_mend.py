@@ -9,17 +9,17 @@ import torch
 
 from repro.data.counterfact import load_records, to_request
 from repro.editors.base import load_hparams
-from repro.scoring import logprobs_at
+from repro.core.scoring import logprobs_at
 from repro.editors.mend import (
     MEND, MENDHyperParams, MENDNet, Standardizer, gradient_factors, load_mend, matrix_key,
     resolve_matrices, save_mend, target_batch,
 )
-from repro.editors.mend_train import (
+from repro.runs.mend_training import (
     MENDTrainParams, meta_loss, sample_step, split_training_records, train_mend,
 )
 from repro.data.splits import select_records, split_of
-from repro.lifecycle import Run
-from repro.paths import from_root
+from repro.runs.lifecycle import Run
+from repro.core.paths import from_root
 
 FACTS = from_root("data/facts/smollm2-135m.json")
 # both MLP input matrices (one shared g for gate and up) and the output matrix of the last 2 layers
@@ -258,7 +258,7 @@ def test_trained_network_beats_the_untrained_one_on_eval_facts(smollm, records):
     network must make the new object win on the rewrite prompt and most paraphrases, far more
     often than the network it started from."""
     from repro.editors.mend import packaged_weights
-    from repro.editors.mend_train import edit_efficacy, initial_network
+    from repro.runs.mend_training import edit_efficacy, initial_network
 
     editor = MEND.from_name(smollm)
     recs = select_records(records, 10, seed=123, split="eval")

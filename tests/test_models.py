@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTJConfig, LlamaConfig
 
-from repro.models import (
+from repro.core.models import (
     PACKAGED, SPECS, LoadedModel, copy_weights, load_model, put_weights, resolve_device, spec_for,
 )
 
@@ -121,7 +121,7 @@ def test_unknown_model_name_lists_known_ones(monkeypatch):
 def test_an_unknown_name_fails_at_once_without_hub_retries(monkeypatch):
     import time
 
-    from repro import models
+    from repro.core import models
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(models, "_hub_reachable", lambda timeout=2.0: False)  # as on a machine without a hub

@@ -12,7 +12,7 @@ import torch
 
 from repro import study
 from repro.editors import make_editor
-from repro.models import LoadedModel, spec_for
+from repro.core.models import LoadedModel, spec_for
 
 # the papers' models: (family, layers) of the real ones
 PAPER_MODELS = {"gpt2-xl": ("gpt2", 48), "EleutherAI/gpt-j-6b": ("gptj", 28), "meta-llama/Meta-Llama-3-8B": ("llama", 32)}
@@ -76,8 +76,8 @@ def test_a_short_run_per_family_goes_through_the_notebook(tiny_lm, tmp_path, mod
     layers, on the tiny model saved under the paper model's name, through papermill."""
     import papermill as pm
 
-    from repro.paths import ROOT
-    from repro.store import read_netcdf
+    from repro.core.paths import ROOT
+    from repro.core.store import read_netcdf
 
     family, n_layers = PAPER_MODELS[model]
     lm = tiny(tiny_lm.tokenizer, family, n_layers, model)

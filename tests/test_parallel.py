@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from repro import study
-from repro.store import read_netcdf, state_path
+from repro.core.store import read_netcdf, state_path
 
 CHEAP = "{layer: 1, v_steps: 2, stats_tokens: 2000, n_prefix_short: 1, n_prefix_long: 1}"
 FIELDS = ("weight_norm", "nll_new", "nll_true", "efficacy", "probe_ppl")

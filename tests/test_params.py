@@ -1,5 +1,5 @@
 """Parameters in one place: each notebook's parameters cell is its params dataclass (plus the
-notebook-only parameters of repro.params.NOTEBOOKS), the values are checked before anything loads,
+notebook-only parameters of repro.core.params.NOTEBOOKS), the values are checked before anything loads,
 the notebooks nbval re-executes are the smoke profile's instances of notebooks/, and the committed
 runs and resume states keep their parameters."""
 from __future__ import annotations
@@ -12,10 +12,10 @@ import typing
 import nbformat
 import pytest
 
-from repro import params as P
+from repro.core import params as P
 from repro import study
-from repro.experiment import SequentialParams
-from repro.paths import ROOT
+from repro.runs.sequential import SequentialParams
+from repro.core.paths import ROOT
 
 
 def parameters_cell(path) -> dict[str, tuple[ast.expr, object]]:
@@ -99,7 +99,7 @@ def test_committed_runs_keep_their_parameters():
     records (a parameter the file predates at the value study.IMPLICIT says it used; one added later
     without an entry there, e.g. MEND's n_loc_own, is not compared, as in Run.stale), so no
     committed file is stale and a rerun would find it as made with its parameters."""
-    from repro.store import read_netcdf, run_params
+    from repro.core.store import read_netcdf, run_params
 
     norm = lambda v: json.loads(json.dumps(v, sort_keys=True, default=str))  # noqa: E731
     checked = 0
@@ -119,8 +119,8 @@ def test_committed_runs_keep_their_parameters():
 def test_committed_resume_states_still_resume():
     import torch
 
-    from repro.experiment import same_params
-    from repro.store import state_path
+    from repro.runs.sequential import same_params
+    from repro.core.store import state_path
 
     checked = 0
     for run in study.load_profile("default"):
@@ -160,8 +160,8 @@ def test_unknown_names_are_listed_with_the_allowed_ones_and_all_problems_reporte
 
 
 def test_types_of_the_other_annotations():
-    from repro.layer_sweep import LayerSweepParams
-    from repro.training import TrainParams
+    from repro.runs.layer_sweep import LayerSweepParams
+    from repro.runs.post_training import TrainParams
 
     p = P.build(TrainParams, {"lr": 1, "lora_targets": ["q", "v"], "device": None})
     assert p.lr == 1.0 and isinstance(p.lr, float) and p.lora_targets == ["q", "v"]
@@ -231,7 +231,7 @@ def test_force_passes_overwrite_to_every_kind_of_run(monkeypatch, tmp_path):
 
 
 def test_the_python_api_checks_types_as_notebooks_do(tmp_path):
-    from repro.experiment import SequentialParams, run_sequential
+    from repro.runs.sequential import SequentialParams, run_sequential
 
     with pytest.raises(ValueError, match=r"n_edits must be an integer, got '2' \(str\)"):
         run_sequential(SequentialParams(n_edits="2", output=str(tmp_path / "x.nc")))

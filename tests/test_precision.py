@@ -18,9 +18,9 @@ import torch
 
 from repro.data.counterfact import load_records
 from repro.editors import make_editor
-from repro.experiment import SequentialParams, run_sequential
+from repro.runs.sequential import SequentialParams, run_sequential
 from repro.data.splits import select_requests
-from repro.paths import from_root
+from repro.core.paths import from_root
 
 LOCATE = {"v_steps": 5, "stats_tokens": 2000, "n_prefix_short": 1, "n_prefix_long": 1}
 SETTINGS = {"rome": dict(LOCATE, layer=1), "memit": dict(LOCATE, layers=[1, 2]), "ft-m": {"layer": 1, "steps": 5}}

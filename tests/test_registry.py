@@ -8,9 +8,9 @@ import seaborn as sns
 import xarray as xr
 from matplotlib.colors import to_rgb
 
-from repro import report
+from repro.reporting import tables as report
 from repro.editors import EDITORS, REGISTRY, load_hparams, make_editor
-from repro.measured import editor_colors
+from repro.reporting.figures import editor_colors
 
 STUDY = ["rome", "r-rome", "memit", "emmet", "alphaedit", "encore", "ft-l", "ft-m", "lora", "mend"]
 

@@ -9,7 +9,7 @@ from repro.data.counterfact import load_records
 from repro.editors import make_editor
 from repro.data.splits import select_requests
 from repro.measure.rewrite import compare_targets, prefers_new
-from repro.paths import from_root
+from repro.core.paths import from_root
 
 FACTS = from_root("data/facts/smollm2-135m.json")
 CHEAP = {"stats_tokens": 4000}  # a rough C is enough to check the algebra

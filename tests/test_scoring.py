@@ -1,4 +1,4 @@
-"""The shared scoring primitives (repro.scoring): padded teacher-forcing batches, log-probs at
+"""The shared scoring primitives (repro.core.scoring): padded teacher-forcing batches, log-probs at
 positions and the per-row target NLL, checked against hand-computed values."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from repro.scoring import logprobs_at, pad_rows, row_nll
+from repro.core.scoring import logprobs_at, pad_rows, row_nll
 
 
 def test_pad_rows_feeds_all_but_the_last_target_token_and_right_pads():

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from repro import stats
+from repro.editors import stats
 from repro.data.text import load_text
-from repro.hooks import StopForward, capture
+from repro.core.hooks import StopForward, capture
 
 
 def test_second_moment_matches_direct_computation(smollm):

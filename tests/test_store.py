@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from repro import store
+from repro.core import store
 
 
 def test_roundtrip_with_provenance(tmp_path):

@@ -41,7 +41,7 @@ def _run_file(path, params):
 
     import xarray as xr
 
-    from repro.store import write_netcdf
+    from repro.core.store import write_netcdf
 
     write_netcdf(xr.Dataset({"x": ("i", [1.0])}, attrs={"params": json.dumps(params)}), path)
 

@@ -1,4 +1,4 @@
-"""Post-training runs (repro.training) on a tiny random llama: what the recorder tracks, the LoRA
+"""Post-training runs (repro.runs.post_training) on a tiny random llama: what the recorder tracks, the LoRA
 effective matrix, determinism, resume, parameter checks."""
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from repro import training
+from repro.runs import post_training as training
 from repro.data.counterfact import load_records
 from repro.measure.norms import weight_norms
-from repro.models import load_model
-from repro.paths import from_root
-from repro.training import (
+from repro.core.models import load_model
+from repro.core.paths import from_root
+from repro.runs.post_training import (
     NormRecorder, TrainParams, effective_weight, lora_delta, prepare_model, run_training, task_examples,
 )
 
@@ -216,7 +216,7 @@ def test_growth_decomposition_on_known_matrices():
     orthogonal part equals the observed change exactly when ΔW ⟂ W_0."""
     import xarray as xr
 
-    from repro.report import growth_decomposition
+    from repro.reporting.tables import growth_decomposition
 
     rng = np.random.default_rng(0)
     w0 = rng.standard_normal((6, 5))

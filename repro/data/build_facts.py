@@ -454,7 +454,7 @@ def build_facts(model: str, out: str | Path, tarball: str | Path | None = None, 
     """Build and save the records; returns per-relation counts (facts, checked, known, records).
 
     ``max_checked`` (if given) replaces the preset's number of facts checked per relation."""
-    from repro.models import load_model
+    from repro.core.models import load_model
 
     start = time.time()
     cfg = resolve_preset(preset, max_checked=max_checked)

@@ -28,7 +28,7 @@ TASKS_PREFIX = "bigbench/benchmark_tasks/"  # member names below are relative to
 
 def sources_dir() -> Path:
     """``$NORMGROWTH_CACHE/sources`` (created)."""
-    from repro.models import cache_dir
+    from repro.core.models import cache_dir
 
     path = cache_dir() / "sources"
     path.mkdir(parents=True, exist_ok=True)

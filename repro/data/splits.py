@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 
-from .counterfact import EditRequest, Record, to_request
+from repro.data.counterfact import EditRequest, Record, to_request
 
 SPLITS = ("eval", "train")
 

@@ -5,9 +5,9 @@ in :mod:`repro.editors.registry`.
 """
 from __future__ import annotations
 
-from ..models import LoadedModel
-from .base import Editor, EditResult, load_hparams
-from .registry import REGISTRY, EditorSpec, display_name, editor_color, editor_spec
+from repro.core.models import LoadedModel
+from repro.editors.base import Editor, EditResult, load_hparams
+from repro.editors.registry import REGISTRY, EditorSpec, display_name, editor_color, editor_spec
 
 # key -> editor class, in the study's order
 EDITORS: dict[str, type[Editor]] = {key: spec.cls for key, spec in REGISTRY.items()}

@@ -10,7 +10,7 @@ from typing import Any, Protocol
 import torch
 import yaml
 
-from ..models import LoadedModel
+from repro.core.models import LoadedModel
 
 
 class Request(Protocol):
@@ -56,7 +56,7 @@ class Editor(ABC):
     @classmethod
     def from_name(cls, lm: LoadedModel, **overrides) -> "Editor":
         """This editor for ``lm`` with hyperparameters from its registered YAML file + overrides."""
-        from .registry import editor_spec  # the registry imports every editor module
+        from repro.editors.registry import editor_spec  # the registry imports every editor module
 
         return cls(lm, load_hparams(cls.hparams_class, editor_spec(cls.name).hparams_file, lm, overrides))
 

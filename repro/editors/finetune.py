@@ -27,10 +27,10 @@ from typing import Any
 
 import torch
 
-from ..models import LoadedModel
-from ..scoring import PromptBatch, logprobs_at, row_nll
-from .base import Editor, EditResult, Request, refuse_fp16_training
-from ..scoring import encode_rows
+from repro.core.models import LoadedModel
+from repro.core.scoring import PromptBatch, logprobs_at, row_nll
+from repro.editors.base import Editor, EditResult, Request, refuse_fp16_training
+from repro.core.scoring import encode_rows
 
 OBJECTIVES = ("prompt_last", "teacher_forced")
 

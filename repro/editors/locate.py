@@ -1,5 +1,5 @@
 """Plumbing shared by the locate-and-edit editors: the keys of a matrix at the subject's last
-token (prompt batches with subject positions come from :mod:`repro.scoring`), random context prefixes, and the optimisation of the
+token (prompt batches with subject positions come from :mod:`repro.core.scoring`), random context prefixes, and the optimisation of the
 target value v* (the vector the edited matrix must output for the subject).
 """
 from __future__ import annotations
@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hooks import StopForward, capture, edit_output
-from ..models import LoadedModel
-from ..scoring import PromptBatch, encode_rows, fill, logprobs_at, make_batch, row_nll, target_ids
-from .prefix import frozen_prefix, select_rows
+from repro.core.hooks import StopForward, capture, edit_output
+from repro.core.models import LoadedModel
+from repro.core.scoring import PromptBatch, encode_rows, fill, logprobs_at, make_batch, row_nll, target_ids
+from repro.editors.prefix import frozen_prefix, select_rows
 
 
 @torch.no_grad()

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters import add_lora
-from ..models import LoadedModel
-from .base import Editor, EditResult, Request, refuse_fp16_training
-from .finetune import edit_batch, only_trainable, request_info, train_on_edits
+from repro.core.adapters import add_lora
+from repro.core.models import LoadedModel
+from repro.editors.base import Editor, EditResult, Request, refuse_fp16_training
+from repro.editors.finetune import edit_batch, only_trainable, request_info, train_on_edits
 
 ADAPTER = "edit"
 

@@ -25,13 +25,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..hooks import StopForward, capture
-from ..models import LoadedModel, get_module
-from ..stats import second_moments
-from .base import Editor, EditResult, Request
-from .linalg import alphaedit_update, emmet_update, memit_update, null_space_projector, threshold_from_spectrum
-from ..scoring import encode_rows, fill
-from .locate import ValueRequest, ValueResult, context_templates, optimize_values, subject_keys
+from repro.core.hooks import StopForward, capture
+from repro.core.models import LoadedModel, get_module
+from repro.editors.stats import second_moments
+from repro.editors.base import Editor, EditResult, Request
+from repro.editors.linalg import alphaedit_update, emmet_update, memit_update, null_space_projector, threshold_from_spectrum
+from repro.core.scoring import encode_rows, fill
+from repro.editors.locate import ValueRequest, ValueResult, context_templates, optimize_values, subject_keys
 
 
 @dataclass

@@ -18,7 +18,7 @@ so ΔW has rank at most the number of tokens. Here
   identity and the untrained update is a (standardised) gradient step;
 * ``α_l`` is a learned step size per edited matrix.
 
-:mod:`repro.editors.mend_train` meta-trains the network; :class:`MEND` loads the trained weights of
+:mod:`repro.runs.mend_training` meta-trains the network; :class:`MEND` loads the trained weights of
 a model and applies edits in place (each call reads the current weights, so edits can be chained).
 """
 from __future__ import annotations
@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..hooks import capture, edit_output
-from ..models import LoadedModel
-from ..paths import from_root
-from ..scoring import PromptBatch, logprobs_at, row_nll
-from .base import Editor, EditResult, Request
-from ..scoring import encode_rows
+from repro.core.hooks import capture, edit_output
+from repro.core.models import LoadedModel
+from repro.core.paths import from_root
+from repro.core.scoring import PromptBatch, logprobs_at, row_nll
+from repro.editors.base import Editor, EditResult, Request
+from repro.core.scoring import encode_rows
 
 NOTEBOOK = "notebooks/train_mend.ipynb"
 # hyperparameters that fix the network's shape and what it edits: a weights file is only valid

@@ -16,8 +16,8 @@ from contextlib import contextmanager
 
 import torch
 
-from ..hooks import StopForward, capture
-from ..models import LoadedModel
+from repro.core.hooks import StopForward, capture
+from repro.core.models import LoadedModel
 
 
 class _Replay(torch.nn.Module):

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .base import Editor
-from .finetune import FTL, FTM
-from .lora import LoRAEditor
-from .memit import EMMET, ENCORE, MEMIT, AlphaEdit
-from .mend import MEND  # never import .mend_train here: it imports this package
-from .rome import ROME, RROME
+from repro.editors.base import Editor
+from repro.editors.finetune import FTL, FTM
+from repro.editors.lora import LoRAEditor
+from repro.editors.memit import EMMET, ENCORE, MEMIT, AlphaEdit
+from repro.editors.mend import MEND  # never import .mend_train here: it imports this package
+from repro.editors.rome import ROME, RROME
 
 # seaborn.color_palette("colorblind", 10).as_hex()
 COLORBLIND = ("#0173b2", "#de8f05", "#029e73", "#d55e00", "#cc78bc",

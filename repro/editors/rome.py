@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models import LoadedModel
-from ..stats import second_moment
-from .base import Editor, EditResult, Request
-from .linalg import rank_one_update, solve_psd
-from .locate import context_templates, optimize_value, subject_keys
+from repro.core.models import LoadedModel
+from repro.editors.stats import second_moment
+from repro.editors.base import Editor, EditResult, Request
+from repro.editors.linalg import rank_one_update, solve_psd
+from repro.editors.locate import context_templates, optimize_value, subject_keys
 
 
 @dataclass

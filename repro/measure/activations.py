@@ -7,7 +7,7 @@ Sites collected at every decoder layer ``l`` (each token of the probe set is one
   Hugging Face reports the final-normed state instead).
 - ``attn``, ``mlp``: what the attention and the MLP block *add* to the residual stream, so that
   ``resid_l = resid_{l-1} + attn_l + mlp_l`` in the pre-norm families (llama, gpt2, gptj). The spec
-  says which module writes it (:meth:`repro.models.ArchSpec.residual_write_path`): the block itself
+  says which module writes it (:meth:`repro.core.models.ArchSpec.residual_write_path`): the block itself
   for llama/gpt2/gptj (taking the first element where the module returns a tuple, e.g.
   ``(attn_output, attn_weights)``); for gemma2/3 the output of ``post_attention_layernorm`` /
   ``post_feedforward_layernorm``, because Gemma normalises a block's output before adding it and
@@ -39,9 +39,9 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..hooks import capture
-from ..models import LoadedModel, get_module
-from .subspace import Reference
+from repro.core.hooks import capture
+from repro.core.models import LoadedModel, get_module
+from repro.measure.subspace import Reference
 
 STREAM_SITES = ("resid", "attn", "mlp")
 EDIT_KIND, GENERAL_KIND = "edit", "general"

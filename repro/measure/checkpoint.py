@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 import xarray as xr
 
-from ..data.tasks import load_task
-from ..data.text import load_text
-from ..models import LoadedModel
-from .activations import activation_norms, collect_activations, compare_activations, prepare_reference, probe_texts
-from .downstream import fact_recall, few_shot_accuracy, perplexity
-from .generation import generation_entropy
-from .quality import edit_quality
+from repro.data.tasks import load_task
+from repro.data.text import load_text
+from repro.core.models import LoadedModel
+from repro.measure.activations import activation_norms, collect_activations, compare_activations, prepare_reference, probe_texts
+from repro.measure.downstream import fact_recall, few_shot_accuracy, perplexity
+from repro.measure.generation import generation_entropy
+from repro.measure.quality import edit_quality
 
 PARTS = ("quality", "generation", "downstream", "activations")
 

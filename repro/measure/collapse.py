@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models import LoadedModel
-from .downstream import text_chunks
+from repro.core.models import LoadedModel
+from repro.measure.downstream import text_chunks
 
 NONFINITE = "non-finite"
 PERPLEXITY = "perplexity"

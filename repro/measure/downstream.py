@@ -41,9 +41,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..data.tasks import FewShotTask
-from ..models import LoadedModel
-from .rewrite import compare_targets
+from repro.data.tasks import FewShotTask
+from repro.core.models import LoadedModel
+from repro.measure.rewrite import compare_targets
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 import xarray as xr
 
-from ..models import LoadedModel
+from repro.core.models import LoadedModel
 
 
 @torch.no_grad()

@@ -15,8 +15,8 @@ import random
 import numpy as np
 import xarray as xr
 
-from ..models import LoadedModel
-from .rewrite import harmonic_mean, record_scores
+from repro.core.models import LoadedModel
+from repro.measure.rewrite import harmonic_mean, record_scores
 
 QUALITY = ("es", "ps", "ns")
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..models import LoadedModel
-from ..scoring import encode_rows, logprobs_at, row_nll, target_ids
+from repro.core.models import LoadedModel
+from repro.core.scoring import encode_rows, logprobs_at, row_nll, target_ids
 
 
 @torch.no_grad()

@@ -78,7 +78,7 @@ def provenance_lines(ds: xr.Dataset, path) -> str:
     import json
     from pathlib import Path
 
-    from .paths import ROOT
+    from repro.core.paths import ROOT
 
     path = Path(path)
     shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
@@ -94,7 +94,7 @@ def provenance_lines(ds: xr.Dataset, path) -> str:
 def display_name(editor: str) -> str:
     """The editor's name in tables and legends, from the editor registry; an unknown editor is an
     error. (Imported on first use: the registry loads the editors, torch included.)"""
-    from .editors.registry import display_name as registered
+    from repro.editors.registry import display_name as registered
 
     return registered(editor)
 
@@ -111,9 +111,9 @@ def profile_runs(notebook: str, profile: str = "default", length: str = "all",
     those with at least ``LONG``, "all" every run. ``in_progress``: an unfinished run with a
     progress view (``python -m repro.study --snapshot``) is returned from that view, whose
     ``stop_reason`` attribute says "in progress"."""
-    from .experiment import progress_path
-    from .store import read_netcdf
-    from .study import load_profile
+    from repro.runs.sequential import progress_path
+    from repro.core.store import read_netcdf
+    from repro.study import load_profile
 
     if length not in ("all", "short", "long"):
         raise ValueError(f"length must be 'all', 'short' or 'long', got {length!r}")
@@ -165,7 +165,7 @@ def norm_growth_table(runs: dict) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Post-training runs (repro.training, figure F1)
+# Post-training runs (repro.runs.post_training, figure F1)
 # --------------------------------------------------------------------------------------------
 INTERVENTION_LABELS = {"cpt": "continued pre-training", "full_ft": "full fine-tuning", "lora": "LoRA fine-tuning"}
 

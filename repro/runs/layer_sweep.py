@@ -10,11 +10,11 @@ import numpy as np
 import xarray as xr
 from tqdm import tqdm
 
-from .data.counterfact import Record, to_request
-from .editors import make_editor
-from .measure.rewrite import harmonic_mean, record_scores
-from .lifecycle import Run, execute
-from .models import LoadedModel, copy_weights, put_weights
+from repro.data.counterfact import Record, to_request
+from repro.editors import make_editor
+from repro.measure.rewrite import harmonic_mean, record_scores
+from repro.runs.lifecycle import Run, execute
+from repro.core.models import LoadedModel, copy_weights, put_weights
 
 
 @dataclass
@@ -33,7 +33,7 @@ class LayerSweepParams:
     device: str | None = None
 
     def validate(self) -> None:
-        from .data.splits import SPLITS
+        from repro.data.splits import SPLITS
 
         if self.n_facts < 1:
             raise ValueError(f"n_facts must be >= 1, got {self.n_facts}")
@@ -54,10 +54,10 @@ def run_layer_sweep(params: LayerSweepParams, overwrite: bool = False, progress:
     edited one at a time at each candidate layer (:func:`sweep_layers`), stored with provenance."""
 
     def body(run: Run) -> xr.Dataset:
-        from .data.counterfact import load_records
-        from .data.splits import select_records
-        from .models import load_model
-        from .paths import from_root
+        from repro.data.counterfact import load_records
+        from repro.data.splits import select_records
+        from repro.core.models import load_model
+        from repro.core.paths import from_root
 
         lm = load_model(params.model, device=params.device)
         records = select_records(load_records(from_root(params.facts)), params.n_facts, params.seed, params.split)

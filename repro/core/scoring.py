@@ -4,7 +4,7 @@ positions, and each row's mean target NLL.
 
 The one implementation shared by the editors (value optimisation, FT-L/FT-M/LoRA, MEND and its
 meta-training), the CounterFact measures and the post-training runs. It knows nothing of editors or
-runners: it takes token ids and a :class:`~repro.models.LoadedModel`.
+runners: it takes token ids and a :class:`~repro.core.models.LoadedModel`.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .models import LoadedModel
+from repro.core.models import LoadedModel
 
 
 @dataclass

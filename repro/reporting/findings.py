@@ -1,11 +1,11 @@
 """The "What the runs show" text of the book's figure pages, generated from the run files.
 
 Every function here is pure: it takes loaded run Datasets (``runs``: ``{run_id: (Dataset, path)}``
-as returned by :func:`repro.measured.measured_runs`, or single Datasets) and returns Markdown (or a
+as returned by :func:`repro.reporting.figures.measured_runs`, or single Datasets) and returns Markdown (or a
 pandas DataFrame). No number is typed: each one is computed from the files, and each qualitative
 word follows from a rule stated in the text itself. The rules reuse the thresholds of
-:mod:`repro.claims`, so a page and the claims page never judge the same runs differently, and
-*growth* is :func:`repro.claims.growth` (the book's one definition: mean ‖W_N‖ over mean ‖W_0‖ of
+:mod:`repro.reporting.claims`, so a page and the claims page never judge the same runs differently, and
+*growth* is :func:`repro.reporting.claims.growth` (the book's one definition: mean ‖W_N‖ over mean ‖W_0‖ of
 the edited matrices).
 """
 from __future__ import annotations
@@ -15,12 +15,12 @@ import json
 import numpy as np
 import xarray as xr
 
-from .claims import ACC_DROP, ES_DROP, NORM_FALL, OVERLAP, PPL_RISE, growth
+from repro.reporting.claims import ACC_DROP, ES_DROP, NORM_FALL, OVERLAP, PPL_RISE, growth
 
 
 # -- small helpers -----------------------------------------------------------------------------
 def _name(ds: xr.Dataset) -> str:
-    from .report import display_name
+    from repro.reporting.tables import display_name
 
     return display_name(str(ds.attrs.get("editor")))
 
@@ -212,7 +212,7 @@ def generation_note(ds: xr.Dataset) -> str:
 
 # -- F6: activation norms -----------------------------------------------------------------------
 def activation_rows(runs: dict) -> list[dict]:
-    from .measured import activation_ratio_by_layer, relative_activation_norms
+    from repro.reporting.figures import activation_ratio_by_layer, relative_activation_norms
 
     rows = []
     for ds, _ in runs.values():
@@ -321,7 +321,7 @@ def subspace_findings(runs: dict, site: str = "resid") -> str:
 
 # -- F8: the remedy -----------------------------------------------------------------------------
 def _layer_ratios(ds: xr.Dataset):
-    from .report import edited_norms
+    from repro.reporting.tables import edited_norms
 
     en = edited_norms(ds)
     return {str(c).split(":")[0]: float(en.sel(edited=c).isel(step=-1) / en.sel(edited=c).isel(step=0))
@@ -365,7 +365,7 @@ def remedy_findings(memit: xr.Dataset, encore: xr.Dataset) -> str:
                f"{es['MEMIT'][0]:.2f} ({who(gap_now)}), and {es['ENCORE'][1]:.2f} against {es['MEMIT'][1]:.2f} after "
                f"the whole sequence ({who(gap_end)}).")
     if all("ckpt" in ds.dims for ds in runs.values()):
-        from .measured import relative_activation_norms
+        from repro.reporting.figures import relative_activation_norms
 
         def axes(ds):
             first, last = ds.isel(ckpt=0), ds.isel(ckpt=-1)
@@ -409,7 +409,7 @@ AVERAGED_KEY = ("r-rome", "memit", "emmet", "alphaedit", "encore")
 def single_edit_findings(runs: dict, held=EXPECTED_EDITORS, level: float = EXPECTED_ES) -> str:
     """Which of the editors expected to reach mean ES >= ``level`` on single edits do, which do not,
     and the scores of the editors with no expected level (``runs``: single-edit efficacy runs)."""
-    from .efficacy import summarize
+    from repro.runs.efficacy import summarize
 
     s = {str(ds.attrs["editor"]): (summarize(ds), _name(ds)) for ds, _ in runs.values()}
     judged = [e for e in held if e in s]
@@ -435,7 +435,7 @@ def key_agreement_findings(ka: xr.Dataset, averaged=AVERAGED_KEY, focus: str = "
     which editors miss no fact at all on opening subjects; (2) for ``focus``: the subjects whose last
     token changes without the leading space, how many of them it misses, their key cosines and update
     shares, and the cosines of its other misses against the median of all opening subjects."""
-    from .report import display_name
+    from repro.reporting.tables import display_name
 
     opens = ka["subject_opens"].values.astype(bool)
     differs = ka["last_token_differs"].values.astype(bool)
@@ -485,7 +485,7 @@ def tuning_findings(tuning: dict) -> str:
     grouped by the facts they edit (same case ids): per run, the editor, its overrides of the
     editor's defaults and its ES; within a group, which runs miss the same facts, and the value
     optimisation steps on the missed facts. A Markdown list, one item per group of facts."""
-    from .report import display_name
+    from repro.reporting.tables import display_name
 
     groups: dict[tuple, list] = {}
     for stem, ds in tuning.items():
@@ -524,12 +524,12 @@ def tuning_findings(tuning: dict) -> str:
 # -- F1: post-training ----------------------------------------------------------------------------
 def post_training_rows(runs: dict) -> list[dict]:
     """Per post-training run: its setting, intervention, learning rate and weight decay, growth
-    (:func:`repro.claims.post_growth`), the share of trained matrices grown and of recording
+    (:func:`repro.reporting.claims.post_growth`), the share of trained matrices grown and of recording
     intervals over which the mean relative norm rose, ‖ΔW‖/‖W_0‖, the orthogonal-update prediction,
     the median cosine of the update with W_0, the matrix types whose mean shrank, the product of the
     decay factors (1 − lr_t·wd), and held-out perplexity and task exact match, first and last."""
-    from .claims import GROWN_SHARE, post_growth
-    from .report import relative_norm_frame, short_matrix
+    from repro.reporting.claims import GROWN_SHARE, post_growth
+    from repro.reporting.tables import relative_norm_frame, short_matrix
 
     table = relative_norm_frame(runs)
     rows = []
@@ -558,8 +558,8 @@ def post_training_findings(runs: dict) -> str:
     how far the matrices moved and how the observed growth compares with an orthogonal update's;
     each weight-decay or learning-rate variant against the reference run of its intervention; the
     weight-decay runs against the shrinkage of the decay alone; held-out perplexity."""
-    from .claims import GROWN_SHARE
-    from .report import INTERVENTION_LABELS
+    from repro.reporting.claims import GROWN_SHARE
+    from repro.reporting.tables import INTERVENTION_LABELS
 
     rows = post_training_rows(runs)
     if not rows:

@@ -6,7 +6,7 @@ import numpy as np
 import seaborn as sns
 import xarray as xr
 
-from .report import INTERVENTION_LABELS, display_name, edited_norms, relative_norms, short_matrix, training_setting
+from repro.reporting.tables import INTERVENTION_LABELS, display_name, edited_norms, relative_norms, short_matrix, training_setting
 
 
 def plot_edited_norm_growth(ds: xr.Dataset, ax=None, title: str | None = None):
@@ -64,7 +64,7 @@ def plot_layer_sweep(ds: xr.Dataset, ax=None):
 
 
 # --------------------------------------------------------------------------------------------
-# F1: post-training interventions (repro.training runs)
+# F1: post-training interventions (repro.runs.post_training runs)
 # --------------------------------------------------------------------------------------------
 MATRIX_COLORS = dict(zip(("attn_q", "attn_k", "attn_v", "attn_o", "mlp_gate", "mlp_up", "mlp_down"),
                          sns.color_palette("tab10", 7)))
@@ -176,7 +176,7 @@ def plot_norm_growth_overview(runs: dict, axes=None, zoom: tuple[float, float] |
     """F2: the mean ‖W‖_F of each run's edited matrices vs number of edits, one line per editor in
     its colour; the range of the unedited matrices of the same type as a grey band. With ``zoom``
     (y limits) a second panel repeats the figure at that range; one legend, outside the data."""
-    from .measured import editor_colors  # the one colour per editor
+    from repro.reporting.figures import editor_colors  # the one colour per editor
 
     n = 2 if zoom else 1
     if axes is None:

@@ -13,7 +13,7 @@ per claim with its per-run evidence table (a pandas DataFrame), so a page can sh
 
 **Growth** is defined once, for every claim: the mean Frobenius norm of the edited (or trained)
 matrices after the sequence over its value before it, ``mean ‖W_N‖ / mean ‖W_0‖``
-(:func:`repro.report.growth_at` for editing runs).
+(:func:`repro.reporting.tables.growth_at` for editing runs).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
-from .report import crossing_edit, display_name, edited_norms, growth_at
+from repro.reporting.tables import crossing_edit, display_name, edited_norms, growth_at
 
 HOLDS, PART, NOT_REPRODUCED, NOT_TESTED = "holds", "holds in part", "not reproduced", "not tested here"
 
@@ -123,7 +123,7 @@ def claim_post_training(runs: dict) -> Verdict:
         w = ds["weight_norm"].where(trained)
         ratio = post_growth(ds)
         grown = float(((w.isel(step=-1) > w.isel(step=0)).where(trained)).mean())
-        from .report import training_setting
+        from repro.reporting.tables import training_setting
 
         rows.append({"run": training_setting(ds), "growth": ratio,
                      "share grown": grown, "grows": ratio > 1 and grown >= GROWN_SHARE})
@@ -264,8 +264,8 @@ def claim_remedy(runs: dict) -> Verdict:
 def verdicts(profile: str = "default") -> list[Verdict]:
     """Every claim's verdict from the finished runs of ``profile``: post-training runs for claim 1,
     the sequential runs for claim 2 and the remedy, their checkpoint measurements for claims 3-4."""
-    from .measured import measured_runs
-    from .report import profile_runs
+    from repro.reporting.figures import measured_runs
+    from repro.reporting.tables import profile_runs
 
     post, _ = profile_runs("notebooks/post_training.ipynb", profile)
     seq, _ = profile_runs("notebooks/sequential_editing.ipynb", profile, length="all")
@@ -282,7 +282,7 @@ def verdict_table(items: list[Verdict]):
                          for v in items]).set_index("claim")
 
 
-README_START, README_END = "<!-- claims:start (python -m repro.claims --readme) -->", "<!-- claims:end -->"
+README_START, README_END = "<!-- claims:start (python -m repro.reporting.claims --readme) -->", "<!-- claims:end -->"
 
 
 def markdown(items: list[Verdict]) -> str:
@@ -313,9 +313,9 @@ def sync_readme(path, items: list[Verdict] | None = None) -> bool:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from .paths import ROOT
+    from repro.core.paths import ROOT
 
-    ap = argparse.ArgumentParser(prog="python -m repro.claims", description="the claims' verdicts from the run files")
+    ap = argparse.ArgumentParser(prog="python -m repro.reporting.claims", description="the claims' verdicts from the run files")
     ap.add_argument("--readme", action="store_true", help="rewrite the README's results block")
     args = ap.parse_args(argv)
     items = verdicts()

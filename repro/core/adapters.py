@@ -6,7 +6,7 @@ import warnings
 
 import torch
 
-from .models import LoadedModel
+from repro.core.models import LoadedModel
 
 
 def add_lora(

@@ -13,18 +13,18 @@ import numpy as np
 import xarray as xr
 from matplotlib.colors import to_rgb
 
-from .editors.registry import REGISTRY, editor_spec
-from .measure.rewrite import harmonic_mean
-from .plots import BOOK_WIDTH
-from .report import display_name, edited_norms, growth_at, profile_runs
-from .store import run_params
+from repro.editors.registry import REGISTRY, editor_spec
+from repro.measure.rewrite import harmonic_mean
+from repro.reporting.plots import BOOK_WIDTH
+from repro.reporting.tables import display_name, edited_norms, growth_at, profile_runs
+from repro.core.store import run_params
 
 
 def measured_runs(profile: str = "default", length: str = "short",
                   in_progress: bool = False) -> tuple[dict, list[str]]:
     """The sequential runs of ``profile`` whose files hold checkpoint measurements, and the ids of
     the sequential runs that do not (missing, or made without measurements); ``length`` and
-    ``in_progress`` as in :func:`repro.report.profile_runs` (default: the 100-edit runs)."""
+    ``in_progress`` as in :func:`repro.reporting.tables.profile_runs` (default: the 100-edit runs)."""
     runs, missing = profile_runs("notebooks/sequential_editing.ipynb", profile, length, in_progress)
     have = {rid: v for rid, v in runs.items() if "ckpt" in v[0].dims}
     return have, missing + [rid for rid in runs if rid not in have]
@@ -279,7 +279,7 @@ def plot_long_norm_growth(runs: dict, ax=None):
     (dashed: batches of 100); the largest unedited matrix of the same type as a grey line; a dot
     where the run's largest edited matrix first passes it, a cross where the collapse rule first
     held."""
-    from .report import crossing_edit
+    from repro.reporting.tables import crossing_edit
 
     ax = ax or plt.subplots(figsize=(7.2, 3.8))[1]
     colors = editor_colors(runs)

@@ -62,13 +62,13 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
-from .lifecycle import Run, execute
-from .data.counterfact import Record, load_records
-from .data.text import load_text
-from .adapters import add_lora
-from .models import LoadedModel, load_model
-from .paths import from_root
-from .scoring import logprobs_at, pad_rows
+from repro.runs.lifecycle import Run, execute
+from repro.data.counterfact import Record, load_records
+from repro.data.text import load_text
+from repro.core.adapters import add_lora
+from repro.core.models import LoadedModel, load_model
+from repro.core.paths import from_root
+from repro.core.scoring import logprobs_at, pad_rows
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ class TaskBatch:
 
 
 def collate_task(task: TaskSet, idx, pad_id: int, device) -> TaskBatch:
-    """Examples ``idx`` of a task set as a right-padded teacher-forcing batch (:func:`repro.scoring.pad_rows`)."""
+    """Examples ``idx`` of a task set as a right-padded teacher-forcing batch (:func:`repro.core.scoring.pad_rows`)."""
     b = pad_rows([task.prompts[i] for i in idx], [task.answers[i] for i in idx], pad_id, device)
     return TaskBatch(b.input_ids, b.attention_mask, b.loss_pos, b.labels, b.label_mask)
 

@@ -28,7 +28,7 @@ class Outcome:
 
 def run_one(run, force: bool, threads: int | None, n_gpus: int) -> Outcome:
     """Execute ``run`` here (inside a Dask worker): its kernel inherits the thread count and device."""
-    from .study import execute
+    from repro.study import execute
 
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):

@@ -19,11 +19,11 @@ def estimate(lm, editor, n_edits: int) -> dict[str, int]:
     Adam's two fp32 moments of what is trained: the matrix for FT-L/FT-M, the adapters for LoRA,
     the fp32 δ of each request for locate-and-edit), ``kept_keys`` (earlier edits' keys an editor
     carries along, fp32) and ``hypernetwork`` (MEND)."""
-    from .editors.finetune import FTM
-    from .editors.lora import LoRAEditor
-    from .editors.memit import MEMIT, AlphaEdit
-    from .editors.mend import MEND
-    from .editors.rome import ROME
+    from repro.editors.finetune import FTM
+    from repro.editors.lora import LoRAEditor
+    from repro.editors.memit import MEMIT, AlphaEdit
+    from repro.editors.mend import MEND
+    from repro.editors.rome import ROME
 
     spec, model = lm.spec, lm.model
     shapes = [tuple(spec.weight(model, l, m).shape) for l, m in editor.edited_matrices()]  # (out, in)

@@ -16,13 +16,13 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
-from .lifecycle import Run, execute
-from .data.counterfact import Record, load_records, to_request
-from .editors import make_editor
-from .data.splits import SPLITS, select_records
-from .measure.rewrite import harmonic_mean, record_scores
-from .models import copy_weights, load_model, put_weights
-from .paths import from_root
+from repro.runs.lifecycle import Run, execute
+from repro.data.counterfact import Record, load_records, to_request
+from repro.editors import make_editor
+from repro.data.splits import SPLITS, select_records
+from repro.measure.rewrite import harmonic_mean, record_scores
+from repro.core.models import copy_weights, load_model, put_weights
+from repro.core.paths import from_root
 
 
 @dataclass
@@ -156,7 +156,7 @@ def run_key_agreement(params: KeyAgreementParams, overwrite: bool = False, progr
     the cosine, the share of the update the plain prompt receives, whether the subject opens the
     prompt, whether its last token changes without the leading space, and the ES of every
     single-edit run of the same model on the same facts."""
-    from . import store
+    from repro.core import store
     from pathlib import Path
 
     def body(run: Run) -> xr.Dataset:
@@ -206,8 +206,8 @@ def key_agreement(lm, editor, record: Record) -> dict[str, float]:
     uᵀk / uᵀk̄ (u = C⁻¹k̄) of the rank-one update that the plain prompt receives (1 under ROME,
     which puts the plain key in the update). Needs a ROME-type editor (``layer``, ``mtype``,
     ``templates``, ``C``)."""
-    from .editors.linalg import solve_psd
-    from .editors.locate import subject_keys
+    from repro.editors.linalg import solve_psd
+    from repro.editors.locate import subject_keys
 
     req = to_request(record)
     prompts = [t.replace("{}", req.prompt) for t in editor.templates]

@@ -6,7 +6,7 @@ other values of the declared parameters (stale): those are rerun, replacing the 
     python -m repro.study --profile default [--only ID ...] [--force] [--list] [--toc] [--snapshot]
     python -m repro.study --profile smoke --nbval
 
-Every selected run's parameters are checked (names, types, ranges: :mod:`repro.params`) before any
+Every selected run's parameters are checked (names, types, ranges: :mod:`repro.core.params`) before any
 notebook executes; all bad entries are reported at once.
 
 ``--nbval`` (re)makes the notebooks the tests re-execute with nbval: for each notebook, the first
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from .paths import ROOT, from_root
+from repro.core.paths import ROOT, from_root
 
 PROFILES = ROOT / "study.yaml"
 EXECUTED = ROOT / "book" / "runs"
@@ -71,7 +71,7 @@ class Run:
         parameters such as an evaluation count are not stored in the file)."""
         import json
 
-        from .store import read_netcdf, run_params
+        from repro.core.store import read_netcdf, run_params
 
         try:
             made = run_params(read_netcdf(self.output))
@@ -163,7 +163,7 @@ def load_profile(name: str, path: Path | None = None) -> list[Run]:
 def invalid_runs(runs: list[Run]) -> list[str]:
     """A line per run whose parameters are not valid for its notebook (unknown names, wrong types
     or ranges); empty when all are. Loads no model."""
-    from .params import check_run
+    from repro.core.params import check_run
 
     bad = []
     for run in runs:
@@ -218,7 +218,7 @@ def write_nbval(runs: list[Run]) -> list[Path]:
 def execute(run: Run, force: bool = False) -> None:
     import papermill as pm
 
-    from .params import accepts
+    from repro.core.params import accepts
 
     params = dict(run.parameters)
     if force and accepts(run.notebook, "overwrite"):
@@ -268,8 +268,8 @@ def sync_toc(runs: list[Run], toc: Path | None = None) -> list[str]:
 
 def snapshot_runs(runs: list[Run]) -> int:
     """Write a progress view of each sequential run with a resume state; say which have none."""
-    from .experiment import progress_path, snapshot
-    from .store import state_path
+    from repro.runs.sequential import progress_path, snapshot
+    from repro.core.store import state_path
 
     for run in runs:
         if not state_path(run.output).exists():
@@ -346,7 +346,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     failed = 0
     if args.workers or args.scheduler:
-        from .parallel import run_parallel
+        from repro.study.parallel import run_parallel
 
         outcomes = run_parallel(jobs, args.workers, args.scheduler, echo=lambda line: print(line, flush=True))
         failed = sum(o.status == "failed" for o in outcomes)
@@ -362,5 +362,3 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())

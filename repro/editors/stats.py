@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .hooks import StopForward, capture
-from .models import LoadedModel, cache_dir
+from repro.core.hooks import StopForward, capture
+from repro.core.models import LoadedModel, cache_dir
 
 
 def _slug(text: str) -> str:
@@ -36,7 +36,7 @@ def _model_dtype(lm: LoadedModel) -> torch.dtype:
 
 
 def _load_corpus(corpus: str) -> list[str]:
-    from .data.text import load_text  # local import: the data package is heavier than this module
+    from repro.data.text import load_text  # local import: the data package is heavier than this module
 
     if corpus != "wiki_train":
         raise ValueError(f"unknown corpus {corpus!r}; known: 'wiki_train' (or pass texts=...)")

@@ -25,18 +25,20 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
-from . import memory, store
-from .lifecycle import Run, execute
-from .data.counterfact import EditRequest, load_records, to_request
-from .data.splits import SPLITS, held_out_records, select_records
-from .data.text import load_text
-from .editors import make_editor
-from .editors.registry import check_overrides
-from .measure.collapse import NONFINITE, CollapseParams, CollapseProbe, collapsed_for, first_collapse
-from .measure.norms import weight_norms
-from .measure.rewrite import compare_targets, prefers_new
-from .models import DTYPES, LoadedModel, copy_weights, load_model, put_weights
-from .paths import from_root
+from repro.runs import memory
+
+from repro.core import store
+from repro.runs.lifecycle import Run, execute
+from repro.data.counterfact import EditRequest, load_records, to_request
+from repro.data.splits import SPLITS, held_out_records, select_records
+from repro.data.text import load_text
+from repro.editors import make_editor
+from repro.editors.registry import check_overrides
+from repro.measure.collapse import NONFINITE, CollapseParams, CollapseProbe, collapsed_for, first_collapse
+from repro.measure.norms import weight_norms
+from repro.measure.rewrite import compare_targets, prefers_new
+from repro.core.models import DTYPES, LoadedModel, copy_weights, load_model, put_weights
+from repro.core.paths import from_root
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +166,7 @@ def _run(params: SequentialParams, run: Run, progress: bool) -> xr.Dataset:
 
     measurer = None
     if params.measure_every or params.measure_at:
-        from .measure.checkpoint import MeasureParams, Measurer
+        from repro.measure.checkpoint import MeasureParams, Measurer
 
         mp = MeasureParams(**params.measure)
         held_out = held_out_records(all_records, records, mp.n_recall, params.seed, params.split)

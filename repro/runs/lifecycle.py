@@ -7,7 +7,7 @@ steps, written here once:
 1. check the parameters (types, then ranges) before anything is loaded;
 2. reuse the finished file when it was made with the same parameters (an error when it was made
    with others, unless ``overwrite``);
-3. hold the run's lock (:class:`repro.store.RunLock`) while computing, so that two processes never
+3. hold the run's lock (:class:`repro.core.store.RunLock`) while computing, so that two processes never
    write the same run;
 4. resume from the state file ``<output>.state.pt`` when it was saved with the same parameters
    (:meth:`Run.resume`), and save it atomically as the run goes (:meth:`Run.save`), carrying the
@@ -28,9 +28,9 @@ from typing import Any, Callable
 
 import xarray as xr
 
-from . import store
-from .params import check_types
-from .paths import from_root
+from repro.core import store
+from repro.core.params import check_types
+from repro.core.paths import from_root
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from .store import parse_bool
+from repro.core.store import parse_bool
 
 
 @dataclass
@@ -48,11 +48,11 @@ class MENDEval:
 
 # notebook -> (its params dataclass as "module:Class", the dataclass of its notebook-only parameters)
 NOTEBOOKS: dict[str, tuple[str, type]] = {
-    "notebooks/sequential_editing.ipynb": ("repro.experiment:SequentialParams", Overwrite),
-    "notebooks/single_edit_efficacy.ipynb": ("repro.efficacy:EfficacyParams", Overwrite),
-    "notebooks/layer_sweep.ipynb": ("repro.layer_sweep:LayerSweepParams", Overwrite),
-    "notebooks/post_training.ipynb": ("repro.training:TrainParams", Overwrite),
-    "notebooks/train_mend.ipynb": ("repro.editors.mend_train:MENDTrainParams", MENDEval),
+    "notebooks/sequential_editing.ipynb": ("repro.runs.sequential:SequentialParams", Overwrite),
+    "notebooks/single_edit_efficacy.ipynb": ("repro.runs.efficacy:EfficacyParams", Overwrite),
+    "notebooks/layer_sweep.ipynb": ("repro.runs.layer_sweep:LayerSweepParams", Overwrite),
+    "notebooks/post_training.ipynb": ("repro.runs.post_training:TrainParams", Overwrite),
+    "notebooks/train_mend.ipynb": ("repro.runs.mend_training:MENDTrainParams", MENDEval),
 }
 
 

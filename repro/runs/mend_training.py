@@ -32,18 +32,18 @@ import torch
 import xarray as xr
 from tqdm import tqdm
 
-from .. import store
-from ..lifecycle import Run, execute
-from ..data.counterfact import Record, load_records, to_request
-from ..data.splits import split_of
-from ..measure.rewrite import record_scores
-from ..hooks import capture
-from ..models import LoadedModel, copy_weights, load_model, put_weights
-from ..paths import from_root
-from ..scoring import PromptBatch, logprobs_at, row_nll
-from .base import load_hparams
-from ..scoring import encode_rows
-from .mend import (
+from repro.core import store
+from repro.runs.lifecycle import Run, execute
+from repro.data.counterfact import Record, load_records, to_request
+from repro.data.splits import split_of
+from repro.measure.rewrite import record_scores
+from repro.core.hooks import capture
+from repro.core.models import LoadedModel, copy_weights, load_model, put_weights
+from repro.core.paths import from_root
+from repro.core.scoring import PromptBatch, logprobs_at, row_nll
+from repro.editors.base import load_hparams
+from repro.core.scoring import encode_rows
+from repro.editors.mend import (
     MEND, MENDHyperParams, MENDNet, gradient_factors, load_mend, matrix_key, resolve_matrices, save_mend,
     target_batch,
 )
@@ -324,7 +324,7 @@ def train_mend(
     Returns the network and the history: per step ``loss``, ``edit_loss``, ``loc_loss``,
     ``edit_success`` (paraphrases), ``rewrite_success``, ``delta_norm``, ``alpha`` (per matrix),
     ``seconds``; per validation point ``val_step`` and ``val_<metric>`` (see :func:`validate`),
-    step 0 being the untrained network. With ``run`` (:class:`repro.lifecycle.Run`) the training checkpoints to
+    step 0 being the untrained network. With ``run`` (:class:`repro.runs.lifecycle.Run`) the training checkpoints to
     its state file and resumes from it.
     """
     if any(split_of(r) != "train" for r in records):
@@ -421,7 +421,7 @@ def run_training(cfg: MENDTrainParams, overwrite: bool = False,
     made: dict = {}
 
     def body(run: Run) -> xr.Dataset:
-        from ..data.text import load_text
+        from repro.data.text import load_text
 
         lm = load_model(cfg.model, device=cfg.device)
         hp = load_hparams(MENDHyperParams, "mend", lm, cfg.hparams)

@@ -1,0 +1,1 @@
+"""Shared primitives: paths, model loading and architecture specs, hooks, run storage, parameter checking, prompt batching."""
