@@ -264,14 +264,20 @@ def _run(params: SequentialParams, run: Run, progress: bool) -> xr.Dataset:
         final_new, final_true = _edit_scores(lm, requests[:n_done])
     ds = _to_dataset(state, lm.n_layers, list(lm.spec.matrices), edited, final_new, final_true)
     return run.finish(
-        ds, str(lm.device), model=params.model, editor=params.editor,
-        edited_matrices=[f"{l}:{m}" for l, m in edited], facts_file=params.facts,
-        hparams=dataclasses.asdict(editor.hp) if dataclasses.is_dataclass(editor.hp) else {},
+        ds, str(lm.device), **_run_attrs(params, editor, edited),
         measure_time_s=round(state["measure_seconds"], 2),
         measure_params=dataclasses.asdict(measurer.params) if measurer is not None else {},
         collapse_rule=probe.params.rule(), collapse_params=dataclasses.asdict(probe.params),
         stop_reason=state["stop_reason"], n_edits_done=n_done, git_shas_by_segment=state["git_shas"],
     )
+
+
+def _run_attrs(params: SequentialParams, editor, edited) -> dict:
+    """What a sequential run's file says about the run besides its parameters (a finished run and a
+    view of one in progress alike): model, editor, edited matrices, facts file, hyperparameters."""
+    return {"model": params.model, "editor": params.editor, "edited_matrices": [f"{l}:{m}" for l, m in edited],
+            "facts_file": params.facts,
+            "hparams": dataclasses.asdict(editor.hp) if dataclasses.is_dataclass(editor.hp) else {}}
 
 
 def _to_dataset(state: dict, n_layers: int, matrices: list[str], edited, final_new, final_true) -> xr.Dataset:
@@ -357,9 +363,7 @@ def snapshot(output: str | Path, write: bool = True) -> xr.Dataset | None:
     missing = np.full(n_done, np.nan)
     ds = _to_dataset(state, lm.n_layers, list(lm.spec.matrices), edited, missing, missing)
     ds.attrs.update(store.provenance(
-        state["params"], state.get("device", "not recorded"), run_id=output.stem, model=params.model, editor=params.editor,
-        edited_matrices=[f"{l}:{m}" for l, m in edited], facts_file=params.facts,
-        hparams=dataclasses.asdict(editor.hp) if dataclasses.is_dataclass(editor.hp) else {},
+        state["params"], state.get("device", "not recorded"), run_id=output.stem, **_run_attrs(params, editor, edited),
         wall_time_s=round(float(state["elapsed"]), 2), measure_time_s=round(float(state["measure_seconds"]), 2),
         collapse_params=state["params"].get("collapse", {}), stop_reason="in progress", n_edits_done=n_done,
         git_shas_by_segment=state.get("git_shas", []), snapshot_of=state_file.name,
