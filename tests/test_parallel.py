@@ -102,3 +102,34 @@ def test_a_killed_worker_resumes_to_the_uninterrupted_result(tmp_path, tiny_dir)
     assert len(json.loads(y.attrs["git_shas_by_segment"])) >= 2 and not state.exists()
     for field in FIELDS:
         np.testing.assert_allclose(x[field].values, y[field].values, rtol=1e-5, err_msg=field)
+
+
+def test_the_smoke_profile_on_two_workers_makes_the_same_files(tmp_path, capsys):
+    """The real smoke profile (every kind of notebook, SmolLM2-135M), its outputs moved to a
+    temporary folder: two Dask workers give the files one run after another gives."""
+    import yaml
+
+    from repro.core.paths import from_root
+
+    def moved(mode: str):
+        runs = yaml.safe_load(from_root("study.yaml").read_text())["smoke"]
+        for r in runs:
+            for key in ("output", "weights"):
+                if key in r["parameters"]:
+                    r["parameters"][key] = str(tmp_path / mode / os.path.basename(r["parameters"][key]))
+        path = tmp_path / f"{mode}.yaml"
+        path.write_text(yaml.safe_dump({"p": runs}))
+        return path, [r["parameters"]["output"] for r in runs]
+
+    serial, outputs = moved("serial")
+    dask, _ = moved("dask")
+    assert run(serial, tmp_path) == 0
+    assert run(dask, tmp_path, "--workers", "2") == 0
+    assert f"[{len(outputs)}/{len(outputs)} finished, 0 running, 0 failed]" in capsys.readouterr().out
+    for out in outputs:
+        x = read_netcdf(out)
+        y = read_netcdf(out.replace("/serial/", "/dask/"))
+        numeric = [v for v in x.data_vars if x[v].dtype.kind in "fiu" and "second" not in v and "time" not in v]
+        assert numeric and set(numeric) <= set(y.data_vars)
+        for v in numeric:  # up to float rounding (kernels with other thread counts)
+            np.testing.assert_allclose(x[v].values, y[v].values, rtol=1e-4, atol=1e-6, err_msg=f"{out}: {v}")
