@@ -28,9 +28,8 @@ from typing import Any
 import torch
 
 from repro.core.models import LoadedModel
-from repro.core.scoring import PromptBatch, logprobs_at, row_nll
+from repro.core.scoring import PromptBatch, encode_rows, logprobs_at, row_nll
 from repro.editors.base import Editor, EditResult, Request, refuse_fp16_training
-from repro.core.scoring import encode_rows
 
 OBJECTIVES = ("prompt_last", "teacher_forced")
 

@@ -36,9 +36,8 @@ from torch import nn
 from repro.core.hooks import capture, edit_output
 from repro.core.models import LoadedModel
 from repro.core.paths import from_root
-from repro.core.scoring import PromptBatch, logprobs_at, row_nll
+from repro.core.scoring import PromptBatch, encode_rows, logprobs_at, row_nll
 from repro.editors.base import Editor, EditResult, Request
-from repro.core.scoring import encode_rows
 
 NOTEBOOK = "notebooks/train_mend.ipynb"
 # hyperparameters that fix the network's shape and what it edits: a weights file is only valid

@@ -10,12 +10,14 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
 from tqdm import tqdm
 
+from repro.core import store
 from repro.runs.lifecycle import Run, execute
 from repro.data.counterfact import Record, load_records, to_request
 from repro.editors import make_editor
@@ -156,9 +158,6 @@ def run_key_agreement(params: KeyAgreementParams, overwrite: bool = False, progr
     the cosine, the share of the update the plain prompt receives, whether the subject opens the
     prompt, whether its last token changes without the leading space, and the ES of every
     single-edit run of the same model on the same facts."""
-    from repro.core import store
-    from pathlib import Path
-
     def body(run: Run) -> xr.Dataset:
         source = store.read_netcdf(from_root(params.run))
         p = store.run_params(source)

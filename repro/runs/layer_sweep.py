@@ -10,11 +10,13 @@ import numpy as np
 import xarray as xr
 from tqdm import tqdm
 
-from repro.data.counterfact import Record, to_request
+from repro.core.models import LoadedModel, copy_weights, load_model, put_weights
+from repro.core.paths import from_root
+from repro.data.counterfact import Record, load_records, to_request
+from repro.data.splits import SPLITS, select_records
 from repro.editors import make_editor
 from repro.measure.rewrite import harmonic_mean, record_scores
 from repro.runs.lifecycle import Run, execute
-from repro.core.models import LoadedModel, copy_weights, put_weights
 
 
 @dataclass
@@ -33,8 +35,6 @@ class LayerSweepParams:
     device: str | None = None
 
     def validate(self) -> None:
-        from repro.data.splits import SPLITS
-
         if self.n_facts < 1:
             raise ValueError(f"n_facts must be >= 1, got {self.n_facts}")
         if not self.layers or any(layer < 0 for layer in self.layers):
@@ -54,17 +54,12 @@ def run_layer_sweep(params: LayerSweepParams, overwrite: bool = False, progress:
     edited one at a time at each candidate layer (:func:`sweep_layers`), stored with provenance."""
 
     def body(run: Run) -> xr.Dataset:
-        from repro.data.counterfact import load_records
-        from repro.data.splits import select_records
-        from repro.core.models import load_model
-        from repro.core.paths import from_root
-
         lm = load_model(params.model, device=params.device)
         records = select_records(load_records(from_root(params.facts)), params.n_facts, params.seed, params.split)
         ds = sweep_layers(lm, records, params.layers, params.editor, params.hparams, progress=progress, run=run)
         return run.finish(ds, str(lm.device), model=params.model, editor=params.editor)
 
-    return execute(params, body, overwrite, record=params.as_dict())
+    return execute(params, body, overwrite)
 
 
 def sweep_layers(

@@ -87,17 +87,17 @@ class Run:
         return ds
 
 
-def execute(params, body: Callable[[Run], xr.Dataset], overwrite: bool = False, record: dict | None = None,
+def execute(params, body: Callable[[Run], xr.Dataset], overwrite: bool = False,
             same_params: Callable[[dict, dict], bool] | None = None) -> xr.Dataset:
     """Run ``body`` under the lifecycle for a params dataclass with ``output`` and ``validate()``.
 
-    ``record`` is what the file records as its parameters (default: all fields); ``same_params``
-    compares a saved state's parameters with it. Returns the finished file's Dataset, reused or
-    made."""
+    The file records the parameters as ``params.as_dict()`` where the class defines it (e.g. a
+    layer sweep leaves out where it is written), else all fields; ``same_params`` compares a saved
+    state's parameters with that record. Returns the finished file's Dataset, reused or made."""
     check_types(params)  # types first (the Python API too), then ranges
     params.validate()
     overwrite = store.parse_bool(overwrite, "overwrite")
-    record = dataclasses.asdict(params) if record is None else record
+    record = params.as_dict() if hasattr(params, "as_dict") else dataclasses.asdict(params)
     run = Run(params.output, record, same_params)
     done = store.existing_run(run.output, record, overwrite)
     if done is not None:

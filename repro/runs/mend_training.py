@@ -40,9 +40,8 @@ from repro.measure.rewrite import record_scores
 from repro.core.hooks import capture
 from repro.core.models import LoadedModel, copy_weights, load_model, put_weights
 from repro.core.paths import from_root
-from repro.core.scoring import PromptBatch, logprobs_at, row_nll
+from repro.core.scoring import PromptBatch, encode_rows, logprobs_at, row_nll
 from repro.editors.base import load_hparams
-from repro.core.scoring import encode_rows
 from repro.editors.mend import (
     MEND, MENDHyperParams, MENDNet, gradient_factors, load_mend, matrix_key, resolve_matrices, save_mend,
     target_batch,
@@ -439,7 +438,7 @@ def run_training(cfg: MENDTrainParams, overwrite: bool = False,
             facts_file=cfg.facts, wall_time_s=round(hist["wall_time_s"], 2),
         )
 
-    ds = execute(cfg, body, overwrite, record=cfg.as_dict())
+    ds = execute(cfg, body, overwrite)
     if made:
         return ds, made["net"], made["lm"]
     lm = load_model(cfg.model, device=cfg.device)  # reused: the network the run saved

@@ -518,7 +518,7 @@ HISTORY = ("rec_step", "weight_norm", "delta_norm", "embed_norm", "train_loss", 
 
 def run_training(params: TrainParams, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
     """Run (or resume, or reuse) a post-training run and return its Dataset (see module docs)."""
-    return execute(params, lambda run: _run(params, run, progress), overwrite, record=params.as_dict())
+    return execute(params, lambda run: _run(params, run, progress), overwrite)
 
 
 def _run(params: TrainParams, run: Run, progress: bool) -> xr.Dataset:

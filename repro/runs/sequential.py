@@ -121,7 +121,7 @@ def _edit_scores(lm: LoadedModel, reqs: list[EditRequest]) -> tuple[np.ndarray, 
 
 def run_sequential(params: SequentialParams, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
     """Run (or resume, or reuse) a sequential editing run and return its Dataset."""
-    return execute(params, lambda run: _run(params, run, progress), overwrite, record=params.as_dict(),
+    return execute(params, lambda run: _run(params, run, progress), overwrite,
                    same_params=same_params)
 
 
