@@ -99,10 +99,9 @@ def test_figures_and_table_draw_from_a_measured_run(measured):
 
     p, ds = measured
     runs = {"tiny": (ds, p.output)}
-    table = M.summary_table(runs).splitlines()
-    assert table[0].split()[:6] == ["editor", "edits", "ES", "PS", "NS", "S"]
-    row = table[1].split()
-    assert row[0] == "r-ROME" and row[1] == "3" and float(row[2]) == pytest.approx(float(ds["es"][-1]), abs=0.006)
+    table = M.summary_frame(runs)
+    assert list(table.columns[:5]) == ["edits", "ES", "PS", "NS", "S"] and list(table.index) == ["r-ROME"]
+    assert table.loc["r-ROME", "edits"] == 3 and table.loc["r-ROME", "ES"] == pytest.approx(float(ds["es"][-1]))
     rel = M.relative_activation_norms(ds)
     np.testing.assert_allclose(rel.isel(ckpt=0), 1.0)
     axes = M.plot_downstream(runs)

@@ -322,3 +322,26 @@ def test_f2_overview_and_f3_layer_ratios_draw_the_files_values():
     assert heat[0, 0] == pytest.approx(1.5) and heat[1, 0] == pytest.approx(1.1) and heat[0, 1] == pytest.approx(1.0)
     table = norm_growth_frame(runs)
     assert table.loc["ROME", "growth"] == pytest.approx(1.5) and table.loc["MEMIT", "rises"] == 1.0
+
+
+def test_long_runs_are_drawn_per_model_and_batch_sizes_stay_apart():
+    import json
+
+    import xarray as xr
+
+    from repro.reporting import figures as M
+    from repro.reporting.tables import model_name
+
+    def run(editor, model, batch):
+        return xr.Dataset(attrs={"editor": editor, "model": model,
+                                 "params": json.dumps({"n_edits": 1000, "batch_size": batch})}), None
+
+    runs = {"a": run("memit", "smollm2-135m", 10), "b": run("rome", "gemma3-270m", 1),
+            "c": run("memit", "smollm2-135m", 100)}
+    groups = M.by_model(runs)
+    assert list(groups) == ["smollm2-135m", "gemma3-270m"]
+    assert list(groups["smollm2-135m"]) == ["a", "c"] and list(groups["gemma3-270m"]) == ["b"]
+    # MEMIT in batches of 10 and of 100 get different names and line styles in one figure
+    assert M._label(runs["a"][0]) == "MEMIT" and M._label(runs["c"][0]) == "MEMIT (batches of 100)"
+    assert (M._style(runs["a"][0]), M._style(runs["c"][0])) == ("-", "--")
+    assert model_name("gemma3-270m") == "Gemma-3-270M" and model_name("gpt2-xl") == "gpt2-xl"

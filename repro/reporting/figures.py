@@ -39,7 +39,29 @@ def editor_colors(runs: dict) -> dict[str, tuple]:
 
 
 def _label(ds: xr.Dataset) -> str:
-    return display_name(str(ds.attrs.get("editor")))
+    """The run's name in legends and tables: the editor's, plus the batch size from 100 up (the
+    long runs edit MEMIT and ENCORE both in batches of 10 and of 100; those of 100 are dashed)."""
+    batch = run_batch(ds)
+    return display_name(str(ds.attrs.get("editor"))) + (f" (batches of {batch})" if batch >= 100 else "")
+
+
+def _batch_label(ds: xr.Dataset) -> str:
+    """The editor's name with any batch size above 1 (the long-run figures, where they differ)."""
+    batch = run_batch(ds)
+    return display_name(str(ds.attrs.get("editor"))) + (f" (batches of {batch})" if batch > 1 else "")
+
+
+def _style(ds: xr.Dataset) -> str:
+    return "--" if run_batch(ds) >= 100 else "-"
+
+
+def by_model(runs: dict) -> dict[str, dict]:
+    """``runs`` split by the model they edit, {model key: runs}, in the order of first appearance:
+    norms and scores of different models are never drawn on one axis."""
+    groups: dict[str, dict] = {}
+    for rid, v in runs.items():
+        groups.setdefault(str(v[0].attrs.get("model")), {})[rid] = v
+    return groups
 
 
 def _panels(n: int, ncol: int = 2, height: float = 2.6):
@@ -70,7 +92,8 @@ def _lines(runs: dict, ax, value, ylabel: str, title: str):
     colors = editor_colors(runs)
     for ds, _ in runs.values():
         y = value(ds)
-        ax.plot(ds["ckpt"].values, y, marker="o", ms=3, color=colors[str(ds.attrs.get("editor"))], label=_label(ds))
+        ax.plot(ds["ckpt"].values, y, marker="o", ms=3, color=colors[str(ds.attrs.get("editor"))], ls=_style(ds),
+                label=_label(ds))
     ax.set(xlabel="number of edits", ylabel=ylabel, title=title)
     return ax
 
@@ -240,30 +263,6 @@ def plot_pca(ds: xr.Dataset, layer: int, ax=None, site: str = "resid"):
     return ax
 
 
-# -- T1 ------------------------------------------------------------------------------------
-def summary_table(runs: dict) -> str:
-    """T1: per editor after the last edit: ES, PS, NS, S over all edited facts, generation
-    entropy, mean downstream accuracy (unedited value in brackets), recall of unedited facts,
-    perplexity, and the growth of the edited matrices (mean ‖W_N‖ over mean ‖W_0‖)."""
-    head = (f"{'editor':<10} {'edits':>5} {'ES':>5} {'PS':>5} {'NS':>5} {'S':>5} {'GE':>11} "
-            f"{'downstream':>13} {'recall':>11} {'ppl':>13} {'growth':>11}")
-    rows = [head]
-    for ds, _ in runs.values():
-        last, first = ds.isel(ckpt=-1), ds.isel(ckpt=0)
-        ratio = growth_at(ds, int(ds["step"].values[-1]))  # the book's one definition of growth
-        s = harmonic_mean(float(last["es"]), float(last["ps"]), float(last["ns"]))
-        rows.append(
-            f"{_label(ds):<10} {int(last['ckpt']):>5} {float(last['es']):>5.2f} {float(last['ps']):>5.2f} "
-            f"{float(last['ns']):>5.2f} {s:>5.2f} "
-            f"{float(last['gen_entropy_mean']):>5.2f} ({float(first['gen_entropy_mean']):.2f}) "
-            f"{float(last['task_mean_acc']):>6.3f} ({float(first['task_mean_acc']):.3f}) "
-            f"{float(last['recall']):>4.2f} ({float(first['recall']):.2f}) "
-            f"{float(last['perplexity']):>5.1f} ({float(first['perplexity']):.1f}) {ratio:>11.3f}"
-        )
-    rows.append("(in brackets: the unedited model, checkpoint 0)")
-    return "\n".join(rows)
-
-
 # -- F2 at length: the whole trajectory of the long runs --------------------------------------------
 def run_batch(ds: xr.Dataset) -> int:
     return int(run_params(ds).get("batch_size", 1))
@@ -294,7 +293,7 @@ def plot_long_norm_growth(runs: dict, ax=None):
         y = en.mean("edited").values
         color = colors[str(ds.attrs.get("editor"))]
         batch = run_batch(ds)
-        label = _label(ds) + (f" (batches of {batch})" if batch > 1 else "")
+        label = _batch_label(ds)
         if ds.attrs.get("stop_reason") == "in progress":
             label += f", in progress: {int(ds.sizes['edit']):,} edits"
         ax.plot(steps[keep], y[keep], color=color, lw=1.8, ls="--" if batch >= 100 else "-", label=label)
@@ -324,9 +323,8 @@ def plot_probe(runs: dict, ax=None, factor: float | None = None):
         if "probe_ppl" not in ds:
             continue
         ratio = ds["probe_ppl"].values / float(ds["probe_ppl"].attrs["unedited"])
-        batch = run_batch(ds)
         ax.plot(ds["edit"].values, ratio, color=colors[str(ds.attrs.get("editor"))], lw=1.2,
-                ls="--" if batch >= 100 else "-", label=_label(ds) + (f" (batches of {batch})" if batch > 1 else ""))
+                ls=_style(ds), label=_batch_label(ds))
         if factor is None:
             factor = float(json.loads(ds.attrs.get("collapse_params", "{}")).get("factor", 10.0))
     if factor is not None:
@@ -381,10 +379,13 @@ def activation_ratio_by_layer(ds: xr.Dataset, site: str = "resid") -> np.ndarray
     return (norm.isel(ckpt=-1) / norm.isel(ckpt=0)).values
 
 
+# -- T1 ------------------------------------------------------------------------------------
 def summary_frame(runs: dict):
     """T1 as a table (pandas DataFrame, one row per editor): after the last edit, ES, PS, NS and S
     over all edited facts, generation entropy, mean downstream accuracy, recall of unedited facts
-    and perplexity, each beside the unedited model's value, and the growth of the edited matrices."""
+    and perplexity, each beside the unedited model's value, and the growth of the edited matrices,
+    all at the last checkpoint (the last edit of a finished run; a run in progress has made more
+    edits since)."""
     import pandas as pd
 
     rows = []
@@ -398,6 +399,6 @@ def summary_frame(runs: dict):
             "tasks": float(last["task_mean_acc"]), "tasks unedited": float(first["task_mean_acc"]),
             "recall": float(last["recall"]), "recall unedited": float(first["recall"]),
             "ppl": float(last["perplexity"]), "ppl unedited": float(first["perplexity"]),
-            "growth": growth_at(ds, int(ds["step"].values[-1])),
+            "growth": growth_at(ds, int(last["ckpt"])),  # at the same count as the scores
         })
     return pd.DataFrame(rows).set_index("editor")

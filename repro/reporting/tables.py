@@ -99,6 +99,14 @@ def display_name(editor: str) -> str:
     return registered(editor)
 
 
+def model_name(model: str) -> str:
+    """A model's name in the book: the packaged model's title, or the hub name as given."""
+    from repro.core.models import PACKAGED
+
+    spec = PACKAGED.get(model)
+    return spec.title if spec is not None and spec.title else model
+
+
 LONG = 1000  # a sequential run planned for at least this many edits is a long run
 
 
