@@ -266,3 +266,46 @@ def test_layer_choice_note_checks_the_edited_layer():
     assert F.layer_choice_note(1, runs) == "The sequential runs of ROME and r-ROME edit layer 1, as their files record."
     assert F.layer_choice_note(2, runs) == "The sequential runs of ROME (layer 1) and r-ROME (layer 1) edit another layer than the best by S."
     assert F.layer_choice_note(1, {"c": runs["c"]}) == ""
+
+
+# -- at length --------------------------------------------------------------------------------
+def long_run(status="in progress", collapse=-1, **kw):
+    ds, _ = run(**kw)
+    ds.attrs.update({"model": "smollm2-135m", "stop_reason": status})
+    ds["collapse_edit"] = ((), collapse)
+    ds["probe_ppl"] = ("edit", np.linspace(12.0, 24.0, ds.sizes["edit"]))
+    ds["probe_ppl"].attrs["unedited"] = 12.0
+    return ds, None
+
+
+def test_long_run_findings_follow_the_files():
+    calm = {"a": long_run(editor="rome", growth=1.01)}
+    text = F.long_run_findings(calm)
+    item = line(text, "- **ROME**")
+    assert "SmolLM2-135M, 10 of 10 edits, in progress" in item and "growth ×1.01" in item
+    assert "no edited matrix passes the largest unedited one" in item  # 10.1 stays below the unedited 12
+    assert "the collapse rule has not held (probe perplexity ×2.00" in item
+    assert "does not damage the model" in item and "keeps them" in item
+    assert "does not fall" in item and "not moved" in item
+    assert "1 of the 1 runs are still going" in text
+    assert line(text, "Over the 1 long run").startswith("Over the 1 long run with checkpoints: 0 of 1 damage")
+
+    # the same run grown past the unedited matrices, damaged, forgetting, its activations changed, collapsed
+    worse = {"a": long_run(editor="rome", growth=2.0, status="collapsed", collapse=7, ppl=(10.0, 11.0, 30.0),
+                           es=(np.nan, 1.0, 0.5), resid=(1.0, 0.9, 0.8), overlap=(1.0, 0.9, 0.5))}
+    text = F.long_run_findings(worse)
+    item = line(text, "- **ROME**")
+    assert "collapsed" in item and "the collapse rule first held at edit 7" in item
+    assert "passes every unedited matrix of its type after edit" in item
+    assert "damages the model (perplexity)" in item and "forgets earlier edits" in item
+    assert "×0.800: falls" in item and "subspace overlap 0.50: moved" in item
+    assert "runs are still going" not in text
+    assert "1 of 1 damage the model and 1 of 1 forget" in text and "held in 1 of 1 runs" in text
+
+
+def test_long_run_findings_without_runs_or_checkpoints():
+    assert F.long_run_findings({}) == "No long run has started yet."
+    ds, _ = long_run()
+    early = ds.isel(ckpt=slice(0, 1))
+    text = F.long_run_findings({"a": (early, None)})
+    assert "no checkpoint after editing began yet" in text and "Over the" not in text

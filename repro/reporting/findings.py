@@ -657,3 +657,98 @@ def layer_choice_note(best: int, runs: dict, editors=("rome", "r-rome")) -> str:
     if other:
         out += (" " if out else "") + f"The sequential runs of {join(other)} edit another layer than the best by S."
     return out
+
+
+# -- at length: the long runs, finished or in progress -------------------------------------------
+def long_run_rows(runs: dict) -> list[dict]:
+    """Per long run: model, edits made of those planned, status, growth after the last edit made,
+    the edit where an edited matrix first passes every unedited one of its type, the collapse edit
+    and the last probe ratio; and at its last checkpoint after editing began (if any), perplexity,
+    mean task accuracy and recall against the unedited model's, efficacy over the facts edited so far
+    against the first checkpoint's, the residual-stream norm ratio and subspace overlap, each judged
+    by the rules of claims 3 and 4."""
+    from repro.reporting.tables import crossing_edit, growth_at, model_name, run_status
+
+    rows = []
+    for ds, _ in runs.values():
+        p = json.loads(ds.attrs.get("params", "{}"))
+        batch = int(p.get("batch_size", 1))
+        probe = ds["probe_ppl"] if "probe_ppl" in ds else None
+        r = {"editor": _name(ds) + (f" in batches of {batch}" if batch > 1 else ""),
+             "model": model_name(str(ds.attrs.get("model"))), "done": int(ds.sizes["edit"]),
+             "planned": int(p.get("n_edits", ds.sizes["edit"])), "status": run_status(ds),
+             "growth": growth_at(ds, int(ds["step"].values[-1])), "cross": crossing_edit(ds),
+             "collapse": int(ds["collapse_edit"]) if "collapse_edit" in ds else -1,
+             "probe ×": (float(probe.values[-1]) / float(probe.attrs["unedited"])
+                         if probe is not None and "unedited" in probe.attrs else float("nan")),
+             "factor": float(json.loads(ds.attrs.get("collapse_params", "{}")).get("factor", 10.0)),
+             "ckpt": None}
+        if "ckpt" in ds.dims and ds.sizes["ckpt"] >= 2:
+            first, last, early = ds.isel(ckpt=0), ds.isel(ckpt=-1), ds.isel(ckpt=1)
+            norm = ds["act_norm"].sel(site="resid")
+            r.update({
+                "ckpt": _ckpt(ds, -1), "early": _ckpt(ds, 1),
+                "ppl0": float(first["perplexity"]), "ppl": float(last["perplexity"]),
+                "acc0": float(first["task_mean_acc"]), "acc": float(last["task_mean_acc"]),
+                "recall0": float(first["recall"]), "recall": float(last["recall"]),
+                "es1": float(early["es"]), "es": float(last["es"]),
+                "resid ×": float((norm.isel(ckpt=-1) / norm.isel(ckpt=0)).mean("layer")),
+                "overlap": float(ds["subspace_overlap"].sel(site="resid").isel(ckpt=-1).mean("layer")),
+            })
+            tests = (("perplexity", r["ppl"] / r["ppl0"] >= PPL_RISE), ("task accuracy", r["acc0"] - r["acc"] >= ACC_DROP),
+                     ("recall", r["recall0"] - r["recall"] >= ACC_DROP))
+            r["why"] = [w for w, hit in tests if hit]
+            r["forgets"] = r["ckpt"] > r["early"] and r["es1"] - r["es"] >= ES_DROP
+            r["norms fall"] = r["resid ×"] <= NORM_FALL
+            r["moves"] = r["overlap"] < OVERLAP
+        rows.append(r)
+    return rows
+
+
+def long_run_findings(runs: dict) -> str:
+    """The at-length page's text: one item per long run (what its norms, its collapse probe and its
+    last checkpoint show), then the counts by the rules of claims 3 and 4. A run still going is
+    reported as far as it has come; the claims page judges finished runs only."""
+    rows = long_run_rows(runs)
+    if not rows:
+        return "No long run has started yet."
+    going = [r for r in rows if r["status"] == "in progress"]
+    out = ["Numbers are read from the run files (a run still going: from its progress view) and judged by "
+           f"the rules of the claims page: a run **damages the model** when its perplexity ends ×{PPL_RISE:g} or "
+           f"more above the unedited model's or its mean task accuracy or recall of never-edited facts falls by "
+           f"{ACC_DROP:g} or more; it **forgets earlier edits** when efficacy over the facts edited so far falls by "
+           f"{ES_DROP:g} or more from its first checkpoint; its **activation norms fall** when the residual stream's "
+           f"norm ends at or below ×{NORM_FALL:g} of the unedited model's; its **activations move** when their "
+           f"top-10 subspace overlap with the unedited model's ends below {OVERLAP:g}. Unedited values in brackets."
+           + (f" {len(going)} of the {len(rows)} runs are still going; the claims page counts finished runs only."
+              if going else ""), ""]
+    for r in rows:
+        head = (f"- **{r['editor']}** ({r['model']}, {r['done']:,} of {r['planned']:,} edits"
+                + (", in progress" if r["status"] == "in progress" else f", {r['status']}") + "): "
+                f"growth ×{r['growth']:.2f}; "
+                + (f"an edited matrix passes every unedited matrix of its type after edit {r['cross']:,}; "
+                   if r["cross"] > 0 else "no edited matrix passes the largest unedited one; ")
+                + (f"the collapse rule first held at edit {r['collapse']:,}" if r["collapse"] > 0 else
+                   f"the collapse rule has not held (probe perplexity ×{r['probe ×']:.2f} of the unedited "
+                   f"model's, threshold ×{r['factor']:g})"))
+        if r["ckpt"] is None:
+            out.append(head + "; no checkpoint after editing began yet.")
+            continue
+        out.append(head + f". After {r['ckpt']:,} edits: perplexity {r['ppl']:.1f} ({r['ppl0']:.1f}), task accuracy "
+                   f"{r['acc']:.3f} ({r['acc0']:.3f}), recall {r['recall']:.2f} ({r['recall0']:.2f}): "
+                   + (f"damages the model ({join(r['why'])})" if r["why"] else "does not damage the model")
+                   + f"; efficacy over the edited facts {r['es']:.2f} ({r['es1']:.2f} after {r['early']:,}): "
+                   + ("forgets earlier edits" if r["forgets"] else "keeps them")
+                   + f"; residual-stream norm ×{r['resid ×']:.3f}: " + ("falls" if r["norms fall"] else "does not fall")
+                   + f"; subspace overlap {r['overlap']:.2f}: " + ("moved" if r["moves"] else "not moved") + ".")
+    judged = [r for r in rows if r["ckpt"] is not None]
+    if judged:
+        n = len(judged)
+        out.append("")
+        out.append(f"Over the {n} long run{'s' if n > 1 else ''} with checkpoints: "
+                   f"{sum(bool(r['why']) for r in judged)} of {n} damage the model and "
+                   f"{sum(r['forgets'] for r in judged)} of {n} forget earlier edits (claim 3); activation norms "
+                   f"fall in {sum(r['norms fall'] for r in judged)} of {n} and activations move in "
+                   f"{sum(r['moves'] for r in judged)} of {n} (claim 4). The collapse rule has held in "
+                   f"{sum(r['collapse'] > 0 for r in rows)} of {len(rows)} runs.")
+    return "\n".join(out)
