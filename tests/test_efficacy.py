@@ -123,3 +123,39 @@ def test_key_agreement_table_splits_by_subject_position():
     # label words, then n, median cosine, median share, ES of a and b
     assert opens[-5:] == ["2", "0.300", "0.30", "0.50", "1.00"]
     assert inside[-5:] == ["3", "0.950", "1.00", "1.00", "0.67"]
+
+
+def _tuning_script():
+    import importlib.util
+
+    from repro.core.paths import ROOT
+
+    spec = importlib.util.spec_from_file_location("tuning_script", ROOT / "scripts" / "tuning.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_settings_checks_name_committed_facts_and_reproduce_their_selection():
+    """Every settings check under data/runs/tuning/ is declared by scripts/tuning.py with a facts file
+    in the repository; the committed opening-subject selection is what the script would write, and
+    each committed file edited exactly the facts its declared parameters select."""
+    import xarray as xr
+
+    from repro.core.paths import from_root
+    from repro.data.counterfact import load_records
+    from repro.data.splits import select_records, split_of
+
+    tuning = _tuning_script()
+    opening = load_records(from_root(tuning.OPENING))
+    assert [r.case_id for r in opening] == [r.case_id for r in tuning.opening_records()]
+    assert opening and all(split_of(r) == "train" and r.requested_rewrite.prompt.startswith("{}") for r in opening)
+    files = sorted(p.stem for p in from_root("data/runs/tuning").glob("*.nc"))
+    assert files == sorted(tuning.CHECKS)
+    for name in tuning.CHECKS:
+        p = tuning.check_params(name)
+        ds = xr.open_dataset(from_root(p.output), engine="netcdf4")
+        chosen = select_records(load_records(from_root(p.facts)), p.n_facts, p.seed, p.split)
+        assert [int(c) for c in ds["case_id"].values] == [r.case_id for r in chosen], name
+    with pytest.raises(KeyError, match="unknown settings check"):
+        tuning.check_params("r-rome_l99")
