@@ -2,6 +2,8 @@
 (fast), including resuming after an interruption."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -157,5 +159,6 @@ def test_settings_checks_name_committed_facts_and_reproduce_their_selection():
         ds = xr.open_dataset(from_root(p.output), engine="netcdf4")
         chosen = select_records(load_records(from_root(p.facts)), p.n_facts, p.seed, p.split)
         assert [int(c) for c in ds["case_id"].values] == [r.case_id for r in chosen], name
+        assert json.loads(ds.attrs["params"])["facts"] == p.facts, name  # a file the repository holds
     with pytest.raises(KeyError, match="unknown settings check"):
         tuning.check_params("r-rome_l99")

@@ -99,3 +99,24 @@ def test_git_sha_dirty_for_code_not_for_run_outputs(tmp_path):
     assert store.git_sha(tmp_path) == clean
     (tmp_path / "code.py").write_text("x = 2\n")                           # the code changed
     assert store.git_sha(tmp_path) == clean + "-dirty"
+
+
+def test_committed_run_files_come_from_a_clean_tree():
+    """Every NetCDF file the repository holds records the full sha of a commit with no uncommitted
+    change to the code (no ``-dirty``): its numbers can be traced to code that exists."""
+    import subprocess
+
+    import xarray as xr
+
+    from repro.core.paths import ROOT
+
+    files = subprocess.run(["git", "ls-files", "*.nc"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert files, "no committed run files found"
+    bad = {}
+    for f in files:
+        with xr.open_dataset(ROOT / f, engine="netcdf4") as ds:
+            sha = str(ds.attrs.get("git_sha", ""))
+        if len(sha.removesuffix("-dirty")) != 40 or sha.endswith("-dirty"):
+            bad[f] = sha
+    assert not bad, f"run files not made from a clean commit: {bad}"
