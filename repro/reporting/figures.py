@@ -16,7 +16,7 @@ from matplotlib.colors import to_rgb
 from repro.editors.registry import REGISTRY, editor_spec
 from repro.measure.rewrite import harmonic_mean
 from repro.reporting.plots import BOOK_WIDTH
-from repro.reporting.tables import display_name, edited_norms, growth_at, profile_runs
+from repro.reporting.tables import collapse_edit, crossing_edit, display_name, edited_norms, growth_at, profile_runs
 from repro.core.store import run_params
 
 
@@ -38,17 +38,12 @@ def editor_colors(runs: dict) -> dict[str, tuple]:
     return {key: to_rgb(spec.color) for key, spec in REGISTRY.items()}
 
 
-def _label(ds: xr.Dataset) -> str:
-    """The run's name in legends and tables: the editor's, plus the batch size from 100 up (the
-    long runs edit MEMIT and ENCORE both in batches of 10 and of 100; those of 100 are dashed)."""
+def _label(ds: xr.Dataset, min_batch: int = 100) -> str:
+    """The run's name in legends and tables: the editor's, plus its batch size from ``min_batch``
+    up (default: 100, since the long runs edit MEMIT and ENCORE both in batches of 10 and of 100,
+    those of 100 dashed; the long-run figures name every batch size above 1)."""
     batch = run_batch(ds)
-    return display_name(str(ds.attrs.get("editor"))) + (f" (batches of {batch})" if batch >= 100 else "")
-
-
-def _batch_label(ds: xr.Dataset) -> str:
-    """The editor's name with any batch size above 1 (the long-run figures, where they differ)."""
-    batch = run_batch(ds)
-    return display_name(str(ds.attrs.get("editor"))) + (f" (batches of {batch})" if batch > 1 else "")
+    return display_name(str(ds.attrs.get("editor"))) + (f" (batches of {batch})" if batch >= min_batch else "")
 
 
 def _style(ds: xr.Dataset) -> str:
@@ -278,8 +273,6 @@ def plot_long_norm_growth(runs: dict, ax=None):
     (dashed: batches of 100); the largest unedited matrix of the same type as a grey line; a dot
     where the run's largest edited matrix first passes it, a cross where the collapse rule first
     held."""
-    from repro.reporting.tables import crossing_edit
-
     ax = ax or plt.subplots(figsize=(7.2, 3.8))[1]
     colors = editor_colors(runs)
     ceiling = []
@@ -292,15 +285,14 @@ def plot_long_norm_growth(runs: dict, ax=None):
         keep = steps > 0
         y = en.mean("edited").values
         color = colors[str(ds.attrs.get("editor"))]
-        batch = run_batch(ds)
-        label = _batch_label(ds)
+        label = _label(ds, min_batch=2)
         if ds.attrs.get("stop_reason") == "in progress":
             label += f", in progress: {int(ds.sizes['edit']):,} edits"
-        ax.plot(steps[keep], y[keep], color=color, lw=1.8, ls="--" if batch >= 100 else "-", label=label)
+        ax.plot(steps[keep], y[keep], color=color, lw=1.8, ls=_style(ds), label=label)
         cross = crossing_edit(ds)
         if cross > 0:
             ax.plot([cross], [y[list(steps).index(cross)]], "o", color=color, ms=6, mec="k", mew=0.6)
-        first = int(ds["collapse_edit"]) if "collapse_edit" in ds else -1
+        first = collapse_edit(ds)
         if first > 0:
             at = min(range(len(steps)), key=lambda i: abs(steps[i] - first))
             ax.plot([steps[at]], [y[at]], "X", color=color, ms=9, mec="k", mew=0.6)
@@ -324,7 +316,7 @@ def plot_probe(runs: dict, ax=None, factor: float | None = None):
             continue
         ratio = ds["probe_ppl"].values / float(ds["probe_ppl"].attrs["unedited"])
         ax.plot(ds["edit"].values, ratio, color=colors[str(ds.attrs.get("editor"))], lw=1.2,
-                ls=_style(ds), label=_batch_label(ds))
+                ls=_style(ds), label=_label(ds, min_batch=2))
         if factor is None:
             factor = float(json.loads(ds.attrs.get("collapse_params", "{}")).get("factor", 10.0))
     if factor is not None:

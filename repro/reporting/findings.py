@@ -78,6 +78,15 @@ def measurement_note(runs: dict) -> str:
 
 
 # -- F4: downstream abilities -------------------------------------------------------------------
+def damage(r: dict) -> list[str]:
+    """What damages the model by claim 3's rule, from a row with ``ppl0``/``ppl``, ``acc0``/``acc``
+    and ``recall0``/``recall`` (unedited / after the edits): perplexity ×PPL_RISE or more, a fall of
+    ACC_DROP or more in mean task accuracy or in recall. Empty when nothing does."""
+    tests = (("perplexity", r["ppl"] / r["ppl0"] >= PPL_RISE), ("task accuracy", r["acc0"] - r["acc"] >= ACC_DROP),
+             ("recall", r["recall0"] - r["recall"] >= ACC_DROP))
+    return [w for w, hit in tests if hit]
+
+
 def downstream_rows(runs: dict) -> list[dict]:
     """Per run, after the last edit and before the first: perplexity, per-task and mean accuracy,
     recall of never-edited facts, growth, and whether the run damages the model by claim 3's rule."""
@@ -94,9 +103,7 @@ def downstream_rows(runs: dict) -> list[dict]:
             "recall0": float(first["recall"]), "recall": float(last["recall"]),
         }
         r["ppl ×"] = r["ppl"] / r["ppl0"]
-        tests = (("perplexity", r["ppl ×"] >= PPL_RISE), ("task accuracy", r["acc0"] - r["acc"] >= ACC_DROP),
-                 ("recall", r["recall0"] - r["recall"] >= ACC_DROP))
-        r["why"] = [w for w, hit in tests if hit]
+        r["why"] = damage(r)
         rows.append(r)
     return rows
 
@@ -667,20 +674,17 @@ def long_run_rows(runs: dict) -> list[dict]:
     mean task accuracy and recall against the unedited model's, efficacy over the facts edited so far
     against the first checkpoint's, the residual-stream norm ratio and subspace overlap, each judged
     by the rules of claims 3 and 4."""
-    from repro.reporting.tables import crossing_edit, growth_at, model_name, run_status
+    from repro.reporting.tables import collapse_edit, crossing_edit, growth_at, model_name, probe_ratio, run_status
 
     rows = []
     for ds, _ in runs.values():
         p = json.loads(ds.attrs.get("params", "{}"))
         batch = int(p.get("batch_size", 1))
-        probe = ds["probe_ppl"] if "probe_ppl" in ds else None
         r = {"editor": _name(ds) + (f" in batches of {batch}" if batch > 1 else ""),
              "model": model_name(str(ds.attrs.get("model"))), "done": int(ds.sizes["edit"]),
              "planned": int(p.get("n_edits", ds.sizes["edit"])), "status": run_status(ds),
              "growth": growth_at(ds, int(ds["step"].values[-1])), "cross": crossing_edit(ds),
-             "collapse": int(ds["collapse_edit"]) if "collapse_edit" in ds else -1,
-             "probe ×": (float(probe.values[-1]) / float(probe.attrs["unedited"])
-                         if probe is not None and "unedited" in probe.attrs else float("nan")),
+             "collapse": collapse_edit(ds), "probe ×": probe_ratio(ds),
              "factor": float(json.loads(ds.attrs.get("collapse_params", "{}")).get("factor", 10.0)),
              "ckpt": None}
         if "ckpt" in ds.dims and ds.sizes["ckpt"] >= 2:
@@ -695,9 +699,7 @@ def long_run_rows(runs: dict) -> list[dict]:
                 "resid ×": float((norm.isel(ckpt=-1) / norm.isel(ckpt=0)).mean("layer")),
                 "overlap": float(ds["subspace_overlap"].sel(site="resid").isel(ckpt=-1).mean("layer")),
             })
-            tests = (("perplexity", r["ppl"] / r["ppl0"] >= PPL_RISE), ("task accuracy", r["acc0"] - r["acc"] >= ACC_DROP),
-                     ("recall", r["recall0"] - r["recall"] >= ACC_DROP))
-            r["why"] = [w for w, hit in tests if hit]
+            r["why"] = damage(r)
             r["forgets"] = r["ckpt"] > r["early"] and r["es1"] - r["es"] >= ES_DROP
             r["norms fall"] = r["resid ×"] <= NORM_FALL
             r["moves"] = r["overlap"] < OVERLAP

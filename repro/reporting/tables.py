@@ -287,6 +287,19 @@ def growth_at(ds: xr.Dataset, edits: int) -> float:
     return float(mean.sel(step=edits) / mean.isel(step=0)) if edits in steps else float("nan")
 
 
+def collapse_edit(ds: xr.Dataset) -> int:
+    """The first edit after which the collapse rule held (-1: never, or a file made before the rule)."""
+    return int(ds["collapse_edit"]) if "collapse_edit" in ds else -1
+
+
+def probe_ratio(ds: xr.Dataset) -> float:
+    """The last collapse-probe perplexity over the unedited model's (NaN without a probe)."""
+    probe = ds["probe_ppl"] if "probe_ppl" in ds else None
+    if probe is None or "unedited" not in probe.attrs:
+        return float("nan")
+    return float(probe.values[-1]) / float(probe.attrs["unedited"])
+
+
 def run_status(ds: xr.Dataset) -> str:
     """How the run stands: "completed", "collapsed", "non-finite" or "in progress" (a progress
     view); files made before runs recorded it count as completed."""
@@ -306,8 +319,6 @@ def long_run_table(runs: dict, at=(100, 1000, 3000)):
     rows = []
     for rid, (ds, _) in runs.items():
         params = json.loads(ds.attrs["params"])
-        probe = ds["probe_ppl"] if "probe_ppl" in ds else None
-        collapse = int(ds["collapse_edit"]) if "collapse_edit" in ds else -1
         last_step = int(ds["step"].values[-1])
         batch = int(params.get("batch_size", 1))
         row = {
@@ -320,9 +331,8 @@ def long_run_table(runs: dict, at=(100, 1000, 3000)):
             row[f"growth @{k:,}"] = growth_at(ds, k)
         row["growth now"] = growth_at(ds, last_step)
         row["passes unedited"] = _edit_or_none(crossing_edit(ds))
-        row["collapse"] = _edit_or_none(collapse)
-        row["probe ×"] = (float(probe.values[-1]) / float(probe.attrs["unedited"])
-                                       if probe is not None and "unedited" in probe.attrs else float("nan"))
+        row["collapse"] = _edit_or_none(collapse_edit(ds))
+        row["probe ×"] = probe_ratio(ds)
         rows.append(row)
     table = pd.DataFrame(rows).set_index("run")
     # edit counts stay integers, "never" is a missing value
