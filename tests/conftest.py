@@ -2,8 +2,36 @@
 the first load on a fresh machine dequantizes the packaged GGUF, about half a minute)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+
+# the packaged models, whose cached files (weights, statistics) are the same in every test session
+REAL_MODELS = ("smollm2-135m", "gemma3-270m")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def test_cache(tmp_path_factory):
+    """Point ``NORMGROWTH_CACHE`` at a per-session folder. The packaged models' weights, GGUF files,
+    source downloads and statistics are linked in from the user's cache (they depend only on the
+    model's name); statistics of the tests' tiny random models and temporary model folders go to
+    the session folder, so they never outlive it nor leak into the user's cache. Tests that set
+    their own cache still do."""
+    from repro.core.models import cache_dir
+
+    real = cache_dir()
+    root = tmp_path_factory.mktemp("normgrowth-cache")
+    for sub in ("models", "gguf", "sources"):
+        (real / sub).mkdir(exist_ok=True)
+        (root / sub).symlink_to(real / sub, target_is_directory=True)
+    (root / "stats").mkdir()
+    for name in REAL_MODELS:
+        (real / "stats" / name).mkdir(parents=True, exist_ok=True)
+        (root / "stats" / name).symlink_to(real / "stats" / name, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("NORMGROWTH_CACHE", str(root))
+        yield Path(root)
 
 
 @pytest.fixture(scope="session")

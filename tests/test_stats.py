@@ -64,3 +64,16 @@ def test_stop_forward_is_raised_by_capture():
         except StopForward:
             pass
     assert got["a"].shape == (1, 2)
+
+
+def test_tiny_model_statistics_stay_in_the_session_cache(tiny_lm, test_cache):
+    """The tests' random models cache their statistics in the session's folder, not the user's
+    cache; the packaged models' statistics are the user's (linked in)."""
+    from pathlib import Path
+
+    texts = load_text("train")[:2]
+    stats.second_moment(tiny_lm, 1, corpus="unit", n_tokens=16, texts=texts, progress=False)
+    path = stats.stats_path(tiny_lm.name, "mlp_down", 1, "unit", 16)
+    assert path.exists() and path.is_relative_to(test_cache)
+    assert not (test_cache / "stats" / tiny_lm.name).is_symlink()
+    assert (test_cache / "stats" / "smollm2-135m").is_symlink()
