@@ -147,3 +147,60 @@ def test_memit_batch_edit_on_smollm(smollm, restore_weights, held_out):
                                 [r.target_true for r in held_out])
     assert prefers_new(new, true).all(), (new, true)
     assert np.isfinite(new).all()
+
+
+def test_norm_preimage_hits_a_reachable_output_and_approaches_an_unreachable_one(make_tiny):
+    """The Levenberg-Marquardt preimage of a Gemma post-norm (random gains, some near zero): a target
+    the norm can output is hit; for one it cannot, the output gets closer than where it started."""
+    from repro.core.models import get_module
+    from repro.editors.memit import norm_preimage
+
+    lm = make_tiny("gemma3")
+    norm = get_module(lm.model, lm.spec.residual_write_path(1, "mlp"))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(norm.weight.shape, generator=gen) * 2)
+        x0 = torch.randn(32, generator=gen)
+        reachable = norm(x0 + 0.3 * torch.randn(32, generator=gen))
+        x = norm_preimage(norm, x0, reachable)
+        assert (norm(x) - reachable).norm() < 1e-4 * reachable.norm()
+        off = norm(x0) + torch.randn(32, generator=gen)  # generally not an output of the norm
+        start = (norm(x0) - off).norm()
+        assert (norm(norm_preimage(norm, x0, off)) - off).norm() < 0.9 * start
+
+
+@pytest.mark.parametrize("invert", [True, False])
+def test_memit_through_a_post_norm_realises_its_residual(make_tiny, monkeypatch, tmp_path, invert):
+    """On a family that normalises the MLP output before the residual stream (Gemma 3), a one-layer
+    MEMIT edit with a reachable target z changes the layer's output at the subject by z − h when R
+    is carried back through the norm (``post_norm_targets``), and misses by far when it is not."""
+    from repro.core.hooks import StopForward, capture
+    from repro.core.scoring import encode_rows, fill
+    from repro.editors.locate import ValueResult
+
+    monkeypatch.setenv("NORMGROWTH_CACHE", str(tmp_path))
+    lm = make_tiny("gemma3")
+    layer, req = 2, _reqs()[0]
+    norm = lm.model.model.layers[layer].post_feedforward_layernorm
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(norm.weight.shape, generator=torch.Generator().manual_seed(1)))
+    editor = make_editor("memit", lm, layers=[layer], stats_tokens=2000, mom2_weight=1e-6,
+                         n_prefix_short=0, n_prefix_long=0, post_norm_targets=invert)
+    assert editor.templates == ["{}"]  # keys from the plain prompt only: the update can be exact
+    text, span = fill(req.prompt, req.subject)
+    batch = encode_rows(lm, [text], [None], [span])
+    with capture({"x": lm.spec.matrix_module(lm.model, layer, "mlp_down")}, stop_after="x") as got:
+        try:
+            lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+        except StopForward:
+            pass
+    x = got["x"][0, batch.subject_idx[0]]
+    h = editor._hidden_at_subject(layer, [req])[:, 0]
+    with torch.no_grad():
+        shift = (norm(x + 0.5 * x.norm() / 32 ** 0.5 * torch.randn(32, generator=torch.Generator().manual_seed(2)))
+                 - norm(x)).double()
+    monkeypatch.setattr(editor, "values", lambda reqs: [ValueResult(h + shift, h, 1, 0.0, 0.0)])
+    editor.apply([req])
+    realised = editor._hidden_at_subject(layer, [req])[:, 0] - h
+    err = float((realised - shift).norm() / shift.norm())
+    assert (err < 1e-3) if invert else (err > 0.3), err

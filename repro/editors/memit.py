@@ -15,6 +15,13 @@ All four share one procedure and differ only in the closed-form update of each l
    prompts, the residual R = (z − h_L) / (number of layers left), and ΔW_l from (R, K) and the
    layer's statistics; ΔW_l is applied before the next layer's keys are read.
 
+   Where the family normalises the MLP's output before adding it to the residual stream (Gemma 2
+   and 3: ``post_feedforward_layernorm``), the matrix's output does not reach the residual stream
+   as it is, so R is first carried back through that norm (``post_norm_targets``): the target of
+   the matrix's output is the preimage under the norm of (its current normed output + R), found by
+   Gauss-Newton steps (:func:`norm_preimage`). Without this, MEMIT's updates on Gemma-3-270M were
+   many times too large and pointed elsewhere (``data/runs/tuning/``).
+
 State carried between sequential calls (earlier edits' keys, used by AlphaEdit and ENCORE) lives
 on the editor object and is saved with :meth:`state_dict`.
 """
@@ -60,6 +67,9 @@ class MEMITHyperParams:
     stats_corpus: str = "wiki_train"
     stats_tokens: int = 100_000
     seed: int = 0
+    # carry each layer's residual R back through the family's MLP post-norm, where it has one (no
+    # effect on families without one); False: use R as the matrix's output change, as published
+    post_norm_targets: bool = True
 
 
 @dataclass
@@ -81,6 +91,39 @@ class ENCOREHyperParams(MEMITHyperParams):
     norm_weight: float = 1.0  # λ_n: penalty λ_n ‖ΔW‖² on every update
     early_stop: str = "mpes"
     mpes_extra_steps: int = 2
+
+
+def norm_preimage(norm: torch.nn.Module, x0: torch.Tensor, target: torch.Tensor, steps: int = 30,
+                  rtol: float = 1e-5) -> torch.Tensor:
+    """An input x near ``x0`` with ``norm(x)`` as close to ``target`` as the norm allows (vectors of
+    one width, (d,)), by Levenberg-Marquardt steps from ``x0`` on ‖norm(x) − target‖²: the damping
+    shrinks after a step that brings the output closer and grows after one that does not, so output
+    coordinates that a near-zero gain of the norm cannot move are not chased with huge steps (a
+    target off the norm's reachable set is approached, not hit). Stops when the output is within
+    ``rtol`` of the target's norm or after ``steps`` trial steps."""
+    x = x0.detach().to(torch.float32)
+    goal = target.detach().to(torch.float32)
+    with torch.no_grad():
+        r = (goal - norm(x)).double()
+        err = float(r.norm())
+        J = mu = None
+        for _ in range(steps):
+            if err <= rtol * float(goal.norm()):
+                break
+            if J is None:
+                with torch.enable_grad():
+                    J = torch.func.jacrev(norm)(x).double()
+                JtJ, Jtr = J.T @ J, J.T @ r
+                if mu is None:
+                    mu = 1e-3 * float(JtJ.diagonal().max())
+            dx = torch.linalg.solve(JtJ + mu * torch.eye(len(x), dtype=JtJ.dtype, device=JtJ.device), Jtr)
+            trial = x + dx.to(torch.float32)
+            r_trial = (goal - norm(trial)).double()
+            if float(r_trial.norm()) < err:
+                x, r, err, J, mu = trial, r_trial, float(r_trial.norm()), None, mu / 3
+            else:
+                mu *= 4
+    return x
 
 
 class MEMIT(Editor):
@@ -151,6 +194,35 @@ class MEMIT(Editor):
         rows = torch.arange(len(requests), device=self.lm.device)
         return got["h"][rows, batch.subject_idx].double().T
 
+    def _post_norm(self, layer: int) -> torch.nn.Module | None:
+        """The norm between the edited matrix's output and the residual stream, if any is to be
+        inverted (``post_norm_targets``, the family's MLP output matrix, a family with a post-norm)."""
+        spec = self.lm.spec
+        if not self.hp.post_norm_targets or self.mtype != spec.mlp_out or not spec.mlp_write:
+            return None
+        return get_module(self.lm.model, spec.residual_write_path(layer, "mlp"))
+
+    @torch.no_grad()
+    def _through_post_norm(self, layer: int, requests: list[Request], R: torch.Tensor,
+                           norm: torch.nn.Module) -> torch.Tensor:
+        """R (d, n), a wanted change of what ``layer``'s MLP adds to the residual stream at each
+        plain prompt's subject last token, as the change of the edited matrix's output that makes
+        it (through ``norm``), (d, n) float64."""
+        filled = [fill(r.prompt, r.subject) for r in requests]
+        batch = encode_rows(self.lm, [f[0] for f in filled], [None] * len(filled), [f[1] for f in filled])
+        with capture({"x": self.lm.spec.matrix_module(self.lm.model, layer, self.mtype)}, stop_after="x") as got:
+            try:
+                self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
+            except StopForward:
+                pass
+        rows = torch.arange(len(requests), device=self.lm.device)
+        X = got["x"][rows, batch.subject_idx]  # (n, d), the matrix's current outputs
+        cols = []
+        for i in range(len(requests)):
+            goal = norm(X[i]).double() + R[:, i]
+            cols.append(norm_preimage(norm, X[i], goal).double() - X[i].double())
+        return torch.stack(cols, 1)
+
     def _keys(self, layer: int, requests: list[Request]) -> torch.Tensor:
         """Prefix-averaged keys of the edited matrix at ``layer``, (d_in, n)."""
         cols = []
@@ -210,6 +282,9 @@ class MEMIT(Editor):
             t = time.perf_counter()
             K = self._keys(layer, requests)
             R = (Z - self._hidden_at_subject(last, requests)) / (len(self.layers) - i)
+            norm = self._post_norm(layer)
+            if norm is not None:
+                R = self._through_post_norm(layer, requests, R, norm)
             result.add_time("keys", time.perf_counter() - t)
             t = time.perf_counter()
             W = lm.spec.weight(lm.model, layer, self.mtype)
