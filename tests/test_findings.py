@@ -197,10 +197,10 @@ def test_key_agreement_text_follows_the_misses():
     assert "r-ROME 1 are on facts with the subject inside the prompt" in F.key_agreement_findings(ka)[0]
 
 
-def tuning_run(editor, es, overrides=None, cases=(1, 2, 3, 4), steps=(5, 6, 7, 8)):
+def tuning_run(editor, es, overrides=None, cases=(1, 2, 3, 4), steps=(5, 6, 7, 8), model="smollm2-135m"):
     return xr.Dataset({"es": ("fact", np.asarray(es, float)), "case_id": ("fact", np.asarray(cases)),
                        "v_steps": ("fact", np.asarray(steps, float))},
-                      attrs={"editor": editor, "params": json.dumps({"hparams": overrides or {}})})
+                      attrs={"editor": editor, "model": model, "params": json.dumps({"hparams": overrides or {}})})
 
 
 def test_tuning_text_compares_the_missed_facts():
@@ -212,6 +212,16 @@ def test_tuning_text_compares_the_missed_facts():
     assert "MEMIT (defaults) misses 1 of them" in text
     files["nw5"] = tuning_run("encore", [1, 1, 0, 1], {"norm_weight": 5})
     assert "miss the same" not in F.tuning_findings(files)
+
+
+def test_tuning_text_keeps_models_apart():
+    """Checks on another model form their own item, named by the model, even on equal case ids."""
+    files = {"a": tuning_run("memit", [1, 0, 1, 1]),
+             "g": tuning_run("memit", [1, 1, 1, 1], {"post_norm_targets": False}, model="gemma3-270m")}
+    items = F.tuning_findings(files).splitlines()
+    assert len(items) == 2
+    assert items[0].startswith("- 4 facts of SmolLM2-135M (`a`)") and "ES 0.75" in items[0]
+    assert items[1].startswith("- 4 facts of Gemma-3-270M (`g`)") and "MEMIT (post_norm_targets off) ES 1.00" in items[1]
 
 
 def post_run(ratio: float, wd: float = 0.0, lr: float = 1e-4, intervention: str = "full_ft", shrink_b: bool = False):

@@ -489,25 +489,28 @@ def key_agreement_findings(ka: xr.Dataset, averaged=AVERAGED_KEY, focus: str = "
 
 def tuning_findings(tuning: dict) -> str:
     """The settings checks (``{file stem: Dataset}`` of single-edit runs on training-split facts),
-    grouped by the facts they edit (same case ids): per run, the editor, its overrides of the
+    grouped by the model and the facts they edit (same case ids): per run, the editor, its overrides of the
     editor's defaults and its ES; within a group, which runs miss the same facts, and the value
     optimisation steps on the missed facts. A Markdown list, one item per group of facts."""
-    from repro.reporting.tables import display_name
+    from repro.reporting.tables import display_name, model_name
 
     groups: dict[tuple, list] = {}
     for stem, ds in tuning.items():
-        groups.setdefault(tuple(int(c) for c in ds["case_id"].values), []).append((stem, ds))
+        key = (str(ds.attrs.get("model", "")), tuple(int(c) for c in ds["case_id"].values))
+        groups.setdefault(key, []).append((stem, ds))
     items = []
-    for cases, members in groups.items():
+    for (model, cases), members in groups.items():
         parts, misses = [], {}
         for stem, ds in members:
             over = json.loads(ds.attrs.get("params", "{}")).get("hparams", {}) or {}
-            setting = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in over.items()) or "defaults"
+            setting = ", ".join(f"{k} {('on' if v else 'off') if isinstance(v, bool) else format(v, 'g') if isinstance(v, (int, float)) else v}"
+                                for k, v in over.items()) or "defaults"
             missed = [int(c) for c, es in zip(ds["case_id"].values, ds["es"].values) if es < 1]
             label = f"{display_name(str(ds.attrs['editor']))} ({setting})"
             misses[label] = (set(missed), ds)
             parts.append(f"{label} ES {float(ds['es'].mean()):.2f}")
-        line = f"{len(cases)} facts (" + ", ".join(f"`{s}`" for s, _ in members) + "): " + "; ".join(parts) + "."
+        of = f" of {model_name(model)}" if model else ""
+        line = f"{len(cases)} facts{of} (" + ", ".join(f"`{s}`" for s, _ in members) + "): " + "; ".join(parts) + "."
         labels = list(misses)
         same = [(a, b) for i, a in enumerate(labels) for b in labels[i + 1:]
                 if misses[a][0] and misses[a][0] == misses[b][0]]
