@@ -1,5 +1,5 @@
-"""The settings checks behind r-ROME's and ENCORE's hyperparameters: single-edit efficacy runs on
-training-split facts (never the evaluation facts the study reports), one file each under
+"""The settings checks behind r-ROME's and ENCORE's hyperparameters, and MEMIT's and ENCORE's on
+Gemma-3-270M: single-edit efficacy runs on training-split facts (never the evaluation facts the study reports), one file each under
 ``data/runs/tuning/`` (its README tabulates them; the book's efficacy page reads them).
 
     python scripts/tuning.py [--only NAME ...] [--overwrite] [--list]
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import NamedTuple
 
 from repro.core.paths import from_root
 from repro.data.counterfact import load_records, save_records
@@ -20,16 +21,31 @@ from repro.runs.efficacy import EfficacyParams, run_efficacy
 
 FACTS = "data/facts/smollm2-135m.json"
 OPENING = "data/runs/tuning/train_opening.json"
+GEMMA_FACTS = "data/facts/gemma3-270m-long.json"
 N_FACTS, SEED = 24, 0
 
-# name: (editor, facts file, hparams overriding the editor's yaml)
-CHECKS: dict[str, tuple[str, str, dict]] = {
-    "r-rome_base": ("r-rome", FACTS, {}),
-    "r-rome_l7": ("r-rome", FACTS, {"layer": 7}),
-    "r-rome_steps40": ("r-rome", FACTS, {"v_steps": 40, "nll_stop": 0.01}),
-    "open_encore_base": ("encore", OPENING, {}),
-    "open_encore_nw5": ("encore", OPENING, {"norm_weight": 5.0}),
-    "open_memit_base": ("memit", OPENING, {}),
+
+class Check(NamedTuple):
+    editor: str
+    facts: str
+    hparams: dict  # overriding the editor's yaml for this model
+    model: str = "smollm2-135m"
+
+
+CHECKS: dict[str, Check] = {
+    "r-rome_base": Check("r-rome", FACTS, {}),
+    "r-rome_l7": Check("r-rome", FACTS, {"layer": 7}),
+    "r-rome_steps40": Check("r-rome", FACTS, {"v_steps": 40, "nll_stop": 0.01}),
+    "open_encore_base": Check("encore", OPENING, {}),
+    "open_encore_nw5": Check("encore", OPENING, {"norm_weight": 5.0}),
+    "open_memit_base": Check("memit", OPENING, {}),
+    # Gemma-3-270M's MEMIT and ENCORE settings (layers 1-5, λ 1900 scaled from GPT-J's 15000 by key
+    # width), on the training split of the file its long runs edit; "published": each layer's
+    # residual used as the matrix's output change as published, not carried back through Gemma's
+    # MLP post-norm.
+    "gemma_memit_base": Check("memit", GEMMA_FACTS, {}, "gemma3-270m"),
+    "gemma_memit_published": Check("memit", GEMMA_FACTS, {"post_norm_targets": False}, "gemma3-270m"),
+    "gemma_encore_base": Check("encore", GEMMA_FACTS, {}, "gemma3-270m"),
 }
 
 
@@ -43,9 +59,9 @@ def check_params(name: str) -> EfficacyParams:
     """The efficacy parameters of the settings check ``name`` (a key of :data:`CHECKS`)."""
     if name not in CHECKS:
         raise KeyError(f"unknown settings check {name!r}; known: {', '.join(CHECKS)}")
-    editor, facts, hparams = CHECKS[name]
-    return EfficacyParams(model="smollm2-135m", editor=editor, n_facts=N_FACTS, seed=SEED, facts=facts,
-                          split="train", output=f"data/runs/tuning/{name}.nc", hparams=dict(hparams))
+    c = CHECKS[name]
+    return EfficacyParams(model=c.model, editor=c.editor, n_facts=N_FACTS, seed=SEED, facts=c.facts,
+                          split="train", output=f"data/runs/tuning/{name}.nc", hparams=dict(c.hparams))
 
 
 def write_opening(path: str = OPENING) -> int:
@@ -73,7 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in names:
             p = check_params(name)
             done = "done" if from_root(p.output).exists() else "missing"
-            print(f"{name:<18} {done:<8} {p.editor:<7} {p.facts}  {p.hparams or 'defaults'}")
+            print(f"{name:<22} {done:<8} {p.model:<13} {p.editor:<7} {p.facts}  {p.hparams or 'defaults'}")
         return
     print(f"{write_opening()} training-split facts open with their subject ({OPENING})")
     for name in names:
