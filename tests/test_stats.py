@@ -69,8 +69,6 @@ def test_stop_forward_is_raised_by_capture():
 def test_tiny_model_statistics_stay_in_the_session_cache(tiny_lm, test_cache):
     """The tests' random models cache their statistics in the session's folder, not the user's
     cache; the packaged models' statistics are the user's (linked in)."""
-    from pathlib import Path
-
     texts = load_text("train")[:2]
     stats.second_moment(tiny_lm, 1, corpus="unit", n_tokens=16, texts=texts, progress=False)
     path = stats.stats_path(tiny_lm.name, "mlp_down", 1, "unit", 16)

@@ -267,7 +267,7 @@ class MEMIT(Editor):
     def apply(self, requests: list[Request]) -> EditResult:
         if not requests:
             raise ValueError("no requests to edit")
-        hp, lm = self.hp, self.lm
+        lm = self.lm
         last = self.layers[-1]
         z_cols, result = [], EditResult(deltas={})
         t = time.perf_counter()
