@@ -7,9 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-# the packaged models, whose cached files (weights, statistics) are the same in every test session
-REAL_MODELS = ("smollm2-135m", "gemma3-270m")
-
 
 @pytest.fixture(scope="session", autouse=True)
 def test_cache(tmp_path_factory):
@@ -18,7 +15,7 @@ def test_cache(tmp_path_factory):
     model's name); statistics of the tests' tiny random models and temporary model folders go to
     the session folder, so they never outlive it nor leak into the user's cache. Tests that set
     their own cache still do."""
-    from repro.core.models import cache_dir
+    from repro.core.models import PACKAGED, cache_dir
 
     real = cache_dir()
     root = tmp_path_factory.mktemp("normgrowth-cache")
@@ -26,7 +23,7 @@ def test_cache(tmp_path_factory):
         (real / sub).mkdir(exist_ok=True)
         (root / sub).symlink_to(real / sub, target_is_directory=True)
     (root / "stats").mkdir()
-    for name in REAL_MODELS:
+    for name in PACKAGED:  # the packaged models' statistics depend only on their name
         (real / "stats" / name).mkdir(parents=True, exist_ok=True)
         (root / "stats" / name).symlink_to(real / "stats" / name, target_is_directory=True)
     with pytest.MonkeyPatch.context() as mp:

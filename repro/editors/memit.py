@@ -19,7 +19,7 @@ All four share one procedure and differ only in the closed-form update of each l
    and 3: ``post_feedforward_layernorm``), the matrix's output does not reach the residual stream
    as it is, so R is first carried back through that norm (``post_norm_targets``): the target of
    the matrix's output is the preimage under the norm of (its current normed output + R), found by
-   Gauss-Newton steps (:func:`norm_preimage`). Without this, MEMIT's updates on Gemma-3-270M were
+   Levenberg-Marquardt steps (:func:`norm_preimage`). Without this, MEMIT's updates on Gemma-3-270M were
    many times too large and pointed elsewhere (``data/runs/tuning/``).
 
 State carried between sequential calls (earlier edits' keys, used by AlphaEdit and ENCORE) lives
@@ -182,17 +182,22 @@ class MEMIT(Editor):
         return get_module(self.lm.model, self.lm.spec.submodule_path(layer, "layer"))
 
     @torch.no_grad()
-    def _hidden_at_subject(self, layer: int, requests: list[Request]) -> torch.Tensor:
-        """Output of decoder layer ``layer`` at each plain prompt's subject last token, (d, n)."""
+    def _output_at_subject(self, module: torch.nn.Module, requests: list[Request]) -> torch.Tensor:
+        """Output of ``module`` at each plain prompt's subject last token, (n, d), in the model's
+        precision; the forward pass stops right after the module."""
         filled = [fill(r.prompt, r.subject) for r in requests]
         batch = encode_rows(self.lm, [f[0] for f in filled], [None] * len(filled), [f[1] for f in filled])
-        with capture({"h": self._layer_module(layer)}, stop_after="h") as got:
+        with capture({"out": module}, stop_after="out") as got:
             try:
                 self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             except StopForward:
                 pass
         rows = torch.arange(len(requests), device=self.lm.device)
-        return got["h"][rows, batch.subject_idx].double().T
+        return got["out"][rows, batch.subject_idx]
+
+    def _hidden_at_subject(self, layer: int, requests: list[Request]) -> torch.Tensor:
+        """Output of decoder layer ``layer`` at each plain prompt's subject last token, (d, n)."""
+        return self._output_at_subject(self._layer_module(layer), requests).double().T
 
     def _post_norm(self, layer: int) -> torch.nn.Module | None:
         """The norm between the edited matrix's output and the residual stream, if any is to be
@@ -208,15 +213,7 @@ class MEMIT(Editor):
         """R (d, n), a wanted change of what ``layer``'s MLP adds to the residual stream at each
         plain prompt's subject last token, as the change of the edited matrix's output that makes
         it (through ``norm``), (d, n) float64."""
-        filled = [fill(r.prompt, r.subject) for r in requests]
-        batch = encode_rows(self.lm, [f[0] for f in filled], [None] * len(filled), [f[1] for f in filled])
-        with capture({"x": self.lm.spec.matrix_module(self.lm.model, layer, self.mtype)}, stop_after="x") as got:
-            try:
-                self.lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            except StopForward:
-                pass
-        rows = torch.arange(len(requests), device=self.lm.device)
-        X = got["x"][rows, batch.subject_idx]  # (n, d), the matrix's current outputs
+        X = self._output_at_subject(self.lm.spec.matrix_module(self.lm.model, layer, self.mtype), requests)
         cols = []
         for i in range(len(requests)):
             goal = norm(X[i]).double() + R[:, i]
