@@ -19,8 +19,8 @@ All four share one procedure and differ only in the closed-form update of each l
    and 3: ``post_feedforward_layernorm``), the matrix's output does not reach the residual stream
    as it is, so R is first carried back through that norm (``post_norm_targets``): the target of
    the matrix's output is the preimage under the norm of (its current normed output + R), found by
-   Levenberg-Marquardt steps (:func:`norm_preimage`). Without this, MEMIT's updates on Gemma-3-270M were
-   many times too large and pointed elsewhere (``data/runs/tuning/``).
+   Levenberg-Marquardt steps (:func:`norm_preimage`). Without this, MEMIT's single-edit updates on
+   Gemma-3-270M had norms of 390-2,900 against 1.2-2.8 with it (``data/runs/tuning/gemma_memit_*.nc``).
 
 State carried between sequential calls (earlier edits' keys, used by AlphaEdit and ENCORE) lives
 on the editor object and is saved with :meth:`state_dict`.
