@@ -3,6 +3,8 @@ checkpoints at chosen edit counts, and the collapse rule (recorded, and stopping
 Runs use the tiny random model (``tiny_dir``); the rules themselves are tested on plain arrays."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -345,3 +347,75 @@ def test_long_runs_are_drawn_per_model_and_batch_sizes_stay_apart():
     assert M._label(runs["a"][0]) == "MEMIT" and M._label(runs["c"][0]) == "MEMIT (batches of 100)"
     assert (M._style(runs["a"][0]), M._style(runs["c"][0])) == ("-", "--")
     assert model_name("gemma3-270m") == "Gemma-3-270M" and model_name("gpt2-xl") == "gpt2-xl"
+
+
+def test_a_run_past_its_deadline_pauses_with_its_state_and_resumes_to_the_same_result(tmp_path, tiny_dir,
+                                                                                      monkeypatch):
+    import time
+
+    from repro.core.store import state_path
+
+    full = run_sequential(params(tmp_path / "a", tiny_dir, n_edits=4, checkpoint_every=2), progress=False)
+    p = params(tmp_path / "b", tiny_dir, n_edits=4, checkpoint_every=2)
+    with pytest.raises(experiment.Paused, match="after 1 of 4"):  # a deadline already past: one edit, then saved
+        run_sequential(p, progress=False, stop_at=time.time() - 1)
+    state = torch.load(state_path(experiment.from_root(p.output)), weights_only=False)
+    assert state["done"] == 1 and state["devices"] == ["cpu"] and state["segment_starts"] == [0]
+    monkeypatch.setenv("NORMGROWTH_STOP_AT", str(time.time() - 1))  # the same through the environment
+    with pytest.raises(experiment.Paused, match="after 2 of 4"):
+        run_sequential(p, progress=False)
+    monkeypatch.setenv("NORMGROWTH_STOP_AT", "soon")
+    with pytest.raises(ValueError, match="NORMGROWTH_STOP_AT"):
+        run_sequential(p, progress=False)
+    monkeypatch.delenv("NORMGROWTH_STOP_AT")
+    resumed = run_sequential(p, progress=False, stop_at=time.time() + 3600)  # a deadline not reached
+    np.testing.assert_allclose(resumed["weight_norm"], full["weight_norm"], rtol=1e-6)
+    np.testing.assert_array_equal(resumed["nll_new"], full["nll_new"])
+    assert json.loads(resumed.attrs["segment_starts"]) == [0, 1, 2]
+    assert json.loads(resumed.attrs["devices_by_segment"]) == ["cpu"] * 3
+    assert len(json.loads(resumed.attrs["git_shas_by_segment"])) == 3
+    assert json.loads(full.attrs["segment_starts"]) == [0]
+
+
+def test_a_state_from_before_segments_were_recorded_keeps_its_stretches_apart(tmp_path, tiny_dir, interrupt_at,
+                                                                              monkeypatch):
+    from repro.core.store import load_state, save_state, state_path
+
+    p = params(tmp_path, tiny_dir, n_edits=3)
+    real = interrupt_at(experiment, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sequential(p, progress=False)
+    monkeypatch.setattr(experiment, "make_editor", real)
+    path = state_path(experiment.from_root(p.output))
+    old = load_state(path)
+    for key in ("devices", "segment_starts"):  # as states saved by earlier versions of the package
+        old.pop(key)
+    save_state(path, old)
+    ds = run_sequential(p, progress=False)
+    assert json.loads(ds.attrs["devices_by_segment"]) == ["cpu", "cpu"]
+    assert json.loads(ds.attrs["segment_starts"]) == [-1, 1]
+
+
+@pytest.mark.parametrize("editor,hp", [("rome", CHEAP), ("memit", {"layers": [1], "v_steps": 2, "stats_tokens": 2000,
+                                                                   "n_prefix_short": 1, "n_prefix_long": 1})])
+def test_a_resumed_run_keeps_the_context_prefixes_it_started_with(tmp_path, tiny_dir, interrupt_at, monkeypatch,
+                                                                 editor, hp):
+    """Prefixes are sampled with the device's random stream: a run resumed on another device must
+    not draw new ones. The state carries them; the file names them."""
+    from repro.core.store import load_state, save_state, state_path
+
+    p = params(tmp_path, tiny_dir, editor=editor, n_edits=3, hparams=hp)
+    real = interrupt_at(experiment, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sequential(p, progress=False)
+    monkeypatch.setattr(experiment, "make_editor", real)
+    path = state_path(experiment.from_root(p.output))
+    state = load_state(path)
+    drawn = state["editor"]["templates"]
+    assert drawn[0] == "{}" and len(drawn) == 3
+    state["editor"]["templates"] = ["{}", "Elsewhere. {}"]  # as if drawn by another device's stream
+    save_state(path, state)
+    ds = run_sequential(p, progress=False)
+    assert json.loads(ds.attrs["context_templates"]) == ["{}", "Elsewhere. {}"]
+    with pytest.raises(ValueError, match="keeps no state|got keys"):
+        real(editor, experiment.load_model(tiny_dir), **hp).load_state_dict({"templates": drawn, "other": 1})

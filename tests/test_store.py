@@ -120,3 +120,11 @@ def test_committed_run_files_come_from_a_clean_tree():
         if len(sha.removesuffix("-dirty")) != 40 or sha.endswith("-dirty"):
             bad[f] = sha
     assert not bad, f"run files not made from a clean commit: {bad}"
+
+
+def test_git_sha_of_a_copy_without_git_is_the_one_its_maker_names(tmp_path, monkeypatch):
+    monkeypatch.delenv("NORMGROWTH_GIT_SHA", raising=False)
+    assert store.git_sha(tmp_path) == "unknown"  # tmp_path is no repository
+    monkeypatch.setenv("NORMGROWTH_GIT_SHA", "abc123")
+    assert store.git_sha(tmp_path) == "abc123"
+    assert len(store.git_sha()) >= 40  # inside a checkout, git answers and the variable is not used

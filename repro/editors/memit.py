@@ -150,13 +150,22 @@ class MEMIT(Editor):
         return [(l, self.mtype) for l in self.layers]
 
     # -- state carried between calls ------------------------------------------------------
+    # the context prefixes are sampled from the model, with the random stream of its device: a run
+    # keeps the ones it started with in its state, so that resuming it elsewhere changes nothing
     def state_dict(self) -> dict:
-        return {"prev_keys": {l: k.cpu() for l, k in self.prev_keys.items()}} if self.keeps_keys else {}
+        state = {"templates": list(self.templates)}
+        if self.keeps_keys:
+            state["prev_keys"] = {l: k.cpu() for l, k in self.prev_keys.items()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
-        if not self.keeps_keys:
-            return super().load_state_dict(state)
-        self.prev_keys = {int(l): k.to(self.lm.device) for l, k in state.get("prev_keys", {}).items()}
+        state = dict(state)
+        templates = state.pop("templates", None)
+        if self.keeps_keys:
+            self.prev_keys = {int(l): k.to(self.lm.device) for l, k in state.pop("prev_keys", {}).items()}
+        super().load_state_dict(state)  # anything else is an error
+        if templates is not None:
+            self._templates = list(templates)
 
     def prepare(self) -> None:
         self.C(self.layers[0])

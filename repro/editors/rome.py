@@ -59,6 +59,18 @@ class ROME(Editor):
     def edited_matrices(self) -> list[tuple[int, str]]:
         return [(self.hp.layer, self.mtype)]
 
+    # the context prefixes are sampled from the model, with the random stream of its device: a run
+    # keeps the ones it started with in its state, so that resuming it elsewhere changes nothing
+    def state_dict(self) -> dict:
+        return {"templates": list(self.templates)}
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        templates = state.pop("templates", None)
+        super().load_state_dict(state)
+        if templates is not None:
+            self._templates = list(templates)
+
     def prepare(self) -> None:
         self.C, self.templates  # noqa: B018 (computed and cached)
 

@@ -10,12 +10,18 @@ either way the file is written and says why the run ended.
 Interrupted runs resume: every ``checkpoint_every`` edits the weights of the edited matrices and
 the measurements so far are saved (atomically) next to the output as ``<output>.state.pt``; a
 rerun with the same parameters continues from there. A finished run is not redone unless its
-parameters differ or ``overwrite`` is set.
+parameters differ or ``overwrite`` is set. A run may also be given a deadline (``stop_at``, or the
+environment variable ``NORMGROWTH_STOP_AT``, in seconds since the epoch): once it has passed, the run
+saves its state after the current batch and raises :class:`Paused`, to be resumed later, on the same
+machine or another (a long run started on a CPU can go on on a GPU and back). Each stretch of a run
+records its commit, its device and the edit count it started at (``git_shas_by_segment``,
+``devices_by_segment``, ``segment_starts``).
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -95,6 +101,23 @@ class SequentialParams:
         return dataclasses.asdict(self)
 
 
+class Paused(RuntimeError):
+    """A run stopped at its deadline with its state saved: rerunning it resumes from there."""
+
+
+def _deadline(stop_at: float | None) -> float | None:
+    """``stop_at``, else the environment's ``NORMGROWTH_STOP_AT`` (seconds since the epoch), else None."""
+    if stop_at is not None:
+        return float(stop_at)
+    env = os.environ.get("NORMGROWTH_STOP_AT", "").strip()
+    if not env:
+        return None
+    try:
+        return float(env)
+    except ValueError:
+        raise ValueError(f"NORMGROWTH_STOP_AT must be seconds since the epoch, got {env!r}") from None
+
+
 def same_params(saved: dict, current: dict) -> bool:
     """Whether a resume state saved with ``saved`` parameters belongs to a run with ``current``
     ones: equal, where a parameter added to :class:`SequentialParams` after the state was saved
@@ -119,13 +142,17 @@ def _edit_scores(lm: LoadedModel, reqs: list[EditRequest]) -> tuple[np.ndarray, 
     return compare_targets(lm, [r.text for r in reqs], [r.target_new for r in reqs], [r.target_true for r in reqs])
 
 
-def run_sequential(params: SequentialParams, overwrite: bool = False, progress: bool = True) -> xr.Dataset:
-    """Run (or resume, or reuse) a sequential editing run and return its Dataset."""
-    return execute(params, lambda run: _run(params, run, progress), overwrite,
+def run_sequential(params: SequentialParams, overwrite: bool = False, progress: bool = True,
+                   stop_at: float | None = None) -> xr.Dataset:
+    """Run (or resume, or reuse) a sequential editing run and return its Dataset. With a deadline
+    (``stop_at`` or ``NORMGROWTH_STOP_AT``, seconds since the epoch) the run saves its state and
+    raises :class:`Paused` at the first batch that ends after it, unless that batch was its last."""
+    deadline = _deadline(stop_at)
+    return execute(params, lambda run: _run(params, run, progress, deadline), overwrite,
                    same_params=same_params)
 
 
-def _run(params: SequentialParams, run: Run, progress: bool) -> xr.Dataset:
+def _run(params: SequentialParams, run: Run, progress: bool, deadline: float | None = None) -> xr.Dataset:
     output, pdict = run.output, run.params
     # the facts first: a bad facts file or too short a split fails before the model loads
     all_records = load_records(from_root(params.facts))
@@ -156,6 +183,11 @@ def _run(params: SequentialParams, run: Run, progress: bool) -> xr.Dataset:
         editor.load_state_dict(saved["editor"])
         log.info("%s: %d edits done", output.name, state["done"])
     # the commit each stretch of the run was made with (a long run may be resumed several times)
+    # and the device and the edit count it started at; a state saved before these were recorded
+    # had all its stretches on the device it last recorded
+    n_before = len(state.get("git_shas", []))
+    state.setdefault("devices", [state.get("device", "not recorded")] * n_before).append(str(lm.device))
+    state.setdefault("segment_starts", [-1] * n_before).append(state["done"])  # -1: not recorded
     state.setdefault("git_shas", []).append(store.git_sha())
     state["device"] = str(lm.device)
     if "probe_ref" not in state:  # the unedited model's probe perplexity (weights0 are in place)
@@ -251,10 +283,15 @@ def _run(params: SequentialParams, run: Run, progress: bool) -> xr.Dataset:
                 and ((params.measure_every and _crossed(state["done"], len(batch), params.measure_every))
                      or _reached(state["done"], len(batch), params.measure_at) or last)):
             measure_now()
-        if _crossed(state["done"], len(batch), params.checkpoint_every) or last:
+        pause = deadline is not None and not last and time.time() >= deadline
+        if _crossed(state["done"], len(batch), params.checkpoint_every) or last or pause:
             checkpoint()
         bar.update(len(batch))
         bar.set_postfix(probe_ppl=f"{ppl:.1f}")
+        if pause:
+            bar.close()
+            raise Paused(f"{output.name}: paused at its deadline after {state['done']} of "
+                         f"{params.n_edits} edits; the state is saved in {run.state_file.name}")
     bar.close()
 
     n_done = state["done"]
@@ -268,8 +305,20 @@ def _run(params: SequentialParams, run: Run, progress: bool) -> xr.Dataset:
         measure_time_s=round(state["measure_seconds"], 2),
         measure_params=dataclasses.asdict(measurer.params) if measurer is not None else {},
         collapse_rule=probe.params.rule(), collapse_params=dataclasses.asdict(probe.params),
-        stop_reason=state["stop_reason"], n_edits_done=n_done, git_shas_by_segment=state["git_shas"],
+        stop_reason=state["stop_reason"], n_edits_done=n_done, **_segment_attrs(state),
     )
+
+
+def _segment_attrs(state: dict) -> dict:
+    """The stretches a run was made in: commit, device and starting edit count of each (-1: a
+    stretch saved before starting counts were recorded); and the editor's context prefixes, which
+    the state keeps so that every stretch uses the same ones ("none" for editors without)."""
+    shas = state.get("git_shas", [])
+    templates = (state.get("editor") or {}).get("templates")
+    return {"context_templates": templates if templates is not None else "none",
+            "git_shas_by_segment": shas,
+            "devices_by_segment": state.get("devices", [state.get("device", "not recorded")] * len(shas)),
+            "segment_starts": state.get("segment_starts", [-1] * len(shas))}
 
 
 def _run_attrs(params: SequentialParams, editor, edited) -> dict:
@@ -366,7 +415,7 @@ def snapshot(output: str | Path, write: bool = True) -> xr.Dataset | None:
         state["params"], state.get("device", "not recorded"), run_id=output.stem, **_run_attrs(params, editor, edited),
         wall_time_s=round(float(state["elapsed"]), 2), measure_time_s=round(float(state["measure_seconds"]), 2),
         collapse_params=state["params"].get("collapse", {}), stop_reason="in progress", n_edits_done=n_done,
-        git_shas_by_segment=state.get("git_shas", []), snapshot_of=state_file.name,
+        **_segment_attrs(state), snapshot_of=state_file.name,
     ))
     ds.attrs["git_sha"] = (state.get("git_shas") or ["unknown"])[-1]  # the code that made the edits
     if write:
