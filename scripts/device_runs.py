@@ -29,6 +29,7 @@ import sys
 import tarfile
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,8 +85,14 @@ def prepare(ids: list[str]) -> None:
         if (p.model, p.dtype) not in models:
             models[(p.model, p.dtype)] = load_model(p.model, device=p.device, dtype=DTYPES[p.dtype])
         t = time.perf_counter()
-        make_editor(p.editor, models[(p.model, p.dtype)], **p.hparams).prepare()
+        try:
+            make_editor(p.editor, models[(p.model, p.dtype)], **p.hparams).prepare()
+        except Exception:  # the run itself will meet (and log) the same error, or prepare on its own
+            traceback.print_exc()
+            print(f"preparing {p.editor} on {p.model} failed; its runs prepare on their own", flush=True)
+            continue
         print(f"prepared {p.editor} on {p.model} in {time.perf_counter() - t:.1f} s", flush=True)
+    models.clear()
 
 
 def worker(run_id: str, stop_at: float) -> int:
