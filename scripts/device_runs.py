@@ -18,6 +18,8 @@ limit (``--part-mib``, ``--total-mib``); a state that does not fit is left out a
 so. Back on any machine: ``cat results.tar.* | tar -x``, then ``python -m repro.study --only ID``
 executes the run's notebook, reusing a finished file or resuming from the state. The file records
 which stretch of the run was made on which device (``devices_by_segment``, ``segment_starts``).
+On a copy of the repository, set ``NORMGROWTH_GIT_SHA`` to the commit the copy was made from (the
+copy's own git metadata, if any travelled, may be stale), so the stretch records the code it ran.
 """
 from __future__ import annotations
 

@@ -419,3 +419,29 @@ def test_a_resumed_run_keeps_the_context_prefixes_it_started_with(tmp_path, tiny
     assert json.loads(ds.attrs["context_templates"]) == ["{}", "Elsewhere. {}"]
     with pytest.raises(ValueError, match="keeps no state|got keys"):
         real(editor, experiment.load_model(tiny_dir), **hp).load_state_dict({"templates": drawn, "other": 1})
+
+
+def test_measurements_are_kept_portably_and_older_states_still_resume(tmp_path, tiny_dir, interrupt_at, monkeypatch):
+    """A checkpoint's measurements are kept in the state as plain dicts of numpy arrays (a pickled
+    Dataset would carry pandas index types that differ between machines); states saved with
+    Datasets still resume to the same file."""
+    import pickle
+
+    from repro.core.store import load_state, save_state, state_path
+
+    kw = dict(n_edits=3, measure_at=[1, 2], measure=dict(SMALL, parts=["quality"]))
+    full = run_sequential(params(tmp_path / "a", tiny_dir, **kw), progress=False)
+    p = params(tmp_path / "b", tiny_dir, **kw)
+    real = interrupt_at(experiment, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_sequential(p, progress=False)
+    monkeypatch.setattr(experiment, "make_editor", real)
+    path = state_path(experiment.from_root(p.output))
+    state = load_state(path)
+    assert len(state["measures"]) == 3 and all(isinstance(m, dict) for m in state["measures"])
+    assert b"pandas" not in pickle.dumps(state["measures"])
+    state["measures"] = [experiment.from_portable(m) for m in state["measures"]]  # as older states kept them
+    save_state(path, state)
+    resumed = run_sequential(p, progress=False)
+    for name in ("es", "fact_es", "weight_norm"):
+        np.testing.assert_allclose(resumed[name].values, full[name].values, rtol=1e-6)

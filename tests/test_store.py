@@ -122,9 +122,10 @@ def test_committed_run_files_come_from_a_clean_tree():
     assert not bad, f"run files not made from a clean commit: {bad}"
 
 
-def test_git_sha_of_a_copy_without_git_is_the_one_its_maker_names(tmp_path, monkeypatch):
+def test_git_sha_of_a_copied_tree_is_the_one_its_maker_names(tmp_path, monkeypatch):
     monkeypatch.delenv("NORMGROWTH_GIT_SHA", raising=False)
     assert store.git_sha(tmp_path) == "unknown"  # tmp_path is no repository
+    assert len(store.git_sha()) >= 40  # a checkout: git answers
     monkeypatch.setenv("NORMGROWTH_GIT_SHA", "abc123")
     assert store.git_sha(tmp_path) == "abc123"
-    assert len(store.git_sha()) >= 40  # inside a checkout, git answers and the variable is not used
+    assert store.git_sha() == "abc123"  # also where stale git metadata travelled with the copy

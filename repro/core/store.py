@@ -25,9 +25,12 @@ RUN_OUTPUTS = ("data/runs", "book/runs")
 def git_sha(cwd: str | Path | None = None) -> str:
     """The commit of the working tree, with ``-dirty`` when tracked files outside the run outputs
     (:data:`RUN_OUTPUTS`) have uncommitted changes. A long run rewrites its committed resume state
-    as it goes; that alone leaves the code it runs unchanged. In a copy of the tree with no git
-    metadata (as shipped to an accelerator machine) it is ``$NORMGROWTH_GIT_SHA``, which whoever
-    made the copy sets to this function's value in the checkout it was copied from; else "unknown"."""
+    as it goes; that alone leaves the code it runs unchanged. ``$NORMGROWTH_GIT_SHA``, when set,
+    is taken instead: whoever copies a clean checkout to another machine (where git metadata may be
+    missing, or stale) sets it to this function's value in that checkout. Else "unknown"."""
+    named = os.environ.get("NORMGROWTH_GIT_SHA", "").strip()
+    if named:
+        return named
     cwd = cwd or Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True).stdout.strip()
@@ -38,7 +41,7 @@ def git_sha(cwd: str | Path | None = None) -> str:
                                cwd=top, capture_output=True, text=True, check=True).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("NORMGROWTH_GIT_SHA") or "unknown"
+        return "unknown"
 
 
 def package_versions() -> dict[str, str]:

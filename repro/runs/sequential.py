@@ -212,7 +212,7 @@ def _run(params: SequentialParams, run: Run, progress: bool, deadline: float | N
 
     def measure_now():
         t = time.perf_counter()
-        state["measures"].append(measurer.measure(state["done"]))
+        state["measures"].append(portable(measurer.measure(state["done"])))
         state["measure_seconds"] += time.perf_counter() - t
 
     def checkpoint():
@@ -309,6 +309,23 @@ def _run(params: SequentialParams, run: Run, progress: bool, deadline: float | N
     )
 
 
+def portable(ds: xr.Dataset) -> dict:
+    """A checkpoint's measurements as the state keeps them: plain dicts of numpy arrays. A pickled
+    Dataset carries its pandas indexes, whose string type depends on the machine (pyarrow-backed
+    where pyarrow is installed), so a state saved on one machine might not load on another."""
+    d = ds.to_dict(data="array")
+    for part in ("coords", "data_vars"):
+        for var in d[part].values():
+            if var["data"].dtype == object:  # strings: fixed-width numpy strings, no pandas type
+                var["data"] = var["data"].astype(str)
+    return d
+
+
+def from_portable(m) -> xr.Dataset:
+    """The Dataset of a checkpoint kept by :func:`portable` (or, in states saved before, as is)."""
+    return xr.Dataset.from_dict(m) if isinstance(m, dict) else m
+
+
 def _segment_attrs(state: dict) -> dict:
     """The stretches a run was made in: commit, device and starting edit count of each (-1: a
     stretch saved before starting counts were recorded); and the editor's context prefixes, which
@@ -376,7 +393,7 @@ def _to_dataset(state: dict, n_layers: int, matrices: list[str], edited, final_n
     ds["collapsed"].attrs["long_name"] = "1 where the collapse rule held after the editor call making this edit"
     ds["collapse_edit"].attrs["long_name"] = "first edit after which the collapse rule held (-1: never)"
     if state["measures"]:
-        measures = xr.concat(state["measures"], dim="ckpt", data_vars="minimal", coords="minimal",
+        measures = xr.concat([from_portable(m) for m in state["measures"]], dim="ckpt", data_vars="minimal", coords="minimal",
                              compat="override", join="outer")
         if "edit" in measures.dims:  # per-fact scores of facts never edited (a run that stopped early)
             measures = measures.isel(edit=slice(0, len(rows)))
