@@ -254,8 +254,8 @@ def _long_file(editor, n_done, planned, growth, batch=1, stop="completed", probe
                      "edit_seconds": ("edit", np.full(n_done, 2.5)),
                      "probe_ppl": ("edit", probe), "collapse_edit": ((), -1)},
                     coords={"step": steps, "layer": [0, 1], "matrix": ["mlp_down"], "edit": np.arange(1, n_done + 1)},
-                    attrs={"editor": editor, "stop_reason": stop,
-                           "params": json.dumps({"n_edits": planned, "batch_size": batch})})
+                    attrs={"editor": editor, "stop_reason": stop, "devices_by_segment": '["cpu"]',
+                           "segment_starts": "[0]", "params": json.dumps({"n_edits": planned, "batch_size": batch})})
     ds["probe_ppl"].attrs["unedited"] = 13.0
     return ds, None
 
@@ -278,7 +278,27 @@ def test_long_run_table_reads_growth_crossing_and_status_from_the_files():
     assert a["passes unedited"] == 132 and b["passes unedited"] is pd.NA
     assert a["collapse"] is pd.NA and str(table["collapse"].dtype) == "Int64"
     assert a["probe ×"] == pytest.approx(10.0) and b["probe ×"] == pytest.approx(1.0)
-    assert a["s/edit"] == pytest.approx(2.5)
+    assert a["s/edit CPU"] == pytest.approx(2.5) and np.isnan(a["s/edit GPU"])  # all its stretches on a CPU
+
+
+def test_each_edit_is_put_on_the_device_of_its_stretch():
+    import json
+
+    from repro.reporting.tables import edit_devices, long_run_table
+
+    ds, _ = _long_file("rome", 10, 3000, 2.0)
+    assert set(edit_devices(ds)) == {"cpu"}
+    del ds.attrs["devices_by_segment"]
+    assert set(edit_devices(ds)) == {"unknown"}  # a file from before stretches were recorded
+    ds.attrs.update(devices_by_segment=json.dumps(["cpu", "cpu", "cuda:0", "cpu"]),
+                    segment_starts=json.dumps([-1, -1, 4, 7]))
+    assert list(edit_devices(ds)) == ["cpu"] * 4 + ["cuda"] * 3 + ["cpu"] * 3
+    ds.attrs["devices_by_segment"] = json.dumps(["cpu", "cuda", "cuda", "cpu"])  # early stretches disagree
+    assert list(edit_devices(ds)[:4]) == ["unknown"] * 4
+    ds.attrs["devices_by_segment"] = json.dumps(["cpu", "cpu", "cuda:0", "cpu"])
+    ds["edit_seconds"].values[4:7] = 0.5
+    row = long_run_table({"a": (ds, None)}).iloc[0]
+    assert row["s/edit CPU"] == pytest.approx(2.5) and row["s/edit GPU"] == pytest.approx(0.5)
 
 
 def test_probe_figure_draws_ratios_and_the_threshold():

@@ -306,9 +306,33 @@ def run_status(ds: xr.Dataset) -> str:
     return str(ds.attrs.get("stop_reason", "completed"))
 
 
+def edit_devices(ds: xr.Dataset) -> np.ndarray:
+    """The kind of device ("cpu", "cuda", ...) each edit of a run was made on, from the stretches
+    its file records (``devices_by_segment``, ``segment_starts``). Stretches saved before their
+    starting counts were recorded (start -1) come first; their edits take their device where those
+    stretches agree on one, else "unknown", as do the edits of files that record no stretches."""
+    import json
+
+    n = int(ds.sizes["edit"])
+    out = np.full(n, "unknown", dtype=object)
+    try:
+        devices = [str(d).split(":")[0] for d in json.loads(ds.attrs["devices_by_segment"])]
+        starts = [int(s) for s in json.loads(ds.attrs["segment_starts"])]
+    except (KeyError, TypeError, ValueError):
+        return out
+    known = [(s, d) for s, d in zip(starts, devices) if s >= 0]
+    early = {d for s, d in zip(starts, devices) if s < 0}
+    first = known[0][0] if known else n
+    if len(early) == 1:
+        out[:first] = early.pop()
+    for (start, dev), (end, _) in zip(known, known[1:] + [(n, None)]):
+        out[start:end] = dev
+    return out
+
+
 def long_run_table(runs: dict, at=(100, 1000, 3000)):
     """One row per run (labelled by editor and batch size): edits done of those planned, status, median editor
-    seconds per fact, growth of the edited matrices (:func:`growth_at`) after each count of ``at``
+    seconds per fact on CPUs and on GPUs (:func:`edit_devices`; NaN where none was made there), growth of the edited matrices (:func:`growth_at`) after each count of ``at``
     and at the last measured step, the first edit after which an edited matrix passes the largest
     unedited one of its type (:func:`crossing_edit`), the first edit where the collapse rule held,
     and the last collapse-probe perplexity over the unedited model's. A pandas DataFrame."""
@@ -325,8 +349,11 @@ def long_run_table(runs: dict, at=(100, 1000, 3000)):
             "run": display_name(str(ds.attrs.get("editor"))) + (f", batches of {batch}" if batch > 1 else ""),
             "edits": f"{int(ds.sizes['edit']):,}/{int(params['n_edits']):,}",
             "status": run_status(ds),
-            "s/edit": float(np.nanmedian(ds["edit_seconds"].values)),
         }
+        on = edit_devices(ds)
+        for dev, label in (("cpu", "s/edit CPU"), ("cuda", "s/edit GPU")):
+            sec = ds["edit_seconds"].values[on == dev]
+            row[label] = float(np.nanmedian(sec)) if np.isfinite(sec).any() else np.nan
         for k in at:
             row[f"growth @{k:,}"] = growth_at(ds, k)
         row["growth now"] = growth_at(ds, last_step)
