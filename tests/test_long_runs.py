@@ -284,7 +284,7 @@ def test_long_run_table_reads_growth_crossing_and_status_from_the_files():
 def test_each_edit_is_put_on_the_device_of_its_stretch():
     import json
 
-    from repro.reporting.tables import edit_devices, long_run_table
+    from repro.reporting.tables import edit_devices, long_run_table, provenance_lines
 
     ds, _ = _long_file("rome", 10, 3000, 2.0)
     assert set(edit_devices(ds)) == {"cpu"}
@@ -299,6 +299,9 @@ def test_each_edit_is_put_on_the_device_of_its_stretch():
     ds["edit_seconds"].values[4:7] = 0.5
     row = long_run_table({"a": (ds, None)}).iloc[0]
     assert row["s/edit CPU"] == pytest.approx(2.5) and row["s/edit GPU"] == pytest.approx(0.5)
+    ds.attrs["git_shas_by_segment"] = json.dumps(["a", "b", "c", "d"])
+    assert provenance_lines(ds, "x.nc").endswith("stretches (from edit, device, git): ?, cpu, a; ?, cpu, b; "
+                                                 "5, cuda:0, c; 8, cpu, d")
 
 
 def test_probe_figure_draws_ratios_and_the_threshold():

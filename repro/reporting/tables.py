@@ -83,12 +83,21 @@ def provenance_lines(ds: xr.Dataset, path) -> str:
     path = Path(path)
     shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
     params = json.loads(ds.attrs.get("params", "{}"))
-    return "\n".join([
+    lines = [
         f"file: {shown}",
         f"parameters: {json.dumps(params, sort_keys=True)}",
         f"git: {ds.attrs.get('git_sha', '?')}  device: {ds.attrs.get('device', '?')}  "
         f"created: {ds.attrs.get('created_utc', '?')}  wall time: {ds.attrs.get('wall_time_s', '?')} s",
-    ])
+    ]
+    if "devices_by_segment" in ds.attrs:  # a run made in stretches: where each began and ran
+        try:
+            stretches = zip(json.loads(ds.attrs["segment_starts"]), json.loads(ds.attrs["devices_by_segment"]),
+                            json.loads(ds.attrs.get("git_shas_by_segment", "[]")))
+            lines.append("stretches (from edit, device, git): " + "; ".join(
+                f"{'?' if int(s) < 0 else int(s) + 1}, {d}, {str(g)[:12]}" for s, d, g in stretches))
+        except (KeyError, TypeError, ValueError):
+            pass
+    return "\n".join(lines)
 
 
 def display_name(editor: str) -> str:
