@@ -42,13 +42,14 @@ NOTEBOOK = "notebooks/sequential_editing.ipynb"
 PAUSED, FAILED = 3, 1
 
 
-def run_params(run_id: str, profile: str = "default"):
-    """The SequentialParams the notebook would build for run ``run_id`` of ``profile``."""
+def run_params(run_id: str, profile: str = "default", profiles: Path | None = None):
+    """The SequentialParams the notebook would build for run ``run_id`` of ``profile`` (in
+    ``profiles``, default study.yaml)."""
     from repro.core.params import Overwrite, build
     from repro.runs.sequential import SequentialParams
     from repro.study import load_profile
 
-    runs = {r.id: r for r in load_profile(profile)}
+    runs = {r.id: r for r in load_profile(profile, profiles)}
     if run_id not in runs:
         raise ValueError(f"no run {run_id!r} in profile {profile!r}")
     run = runs[run_id]
@@ -72,14 +73,14 @@ def edits_done(params) -> int:
     return int(torch.load(state, weights_only=False)["done"]) if state.exists() else 0
 
 
-def prepare(ids: list[str]) -> None:
-    """Load each model once and prepare each distinct editor (statistics into the cache)."""
+def prepare(params: list) -> None:
+    """Load each model once and prepare each distinct editor of ``params`` (SequentialParams):
+    statistics into the cache."""
     from repro.core.models import DTYPES, load_model
     from repro.editors import make_editor
 
     done, models = set(), {}
-    for run_id in ids:
-        p = run_params(run_id)
+    for p in params:
         key = (p.model, p.editor, repr(sorted(p.hparams.items())), p.dtype)
         if key in done:
             continue
@@ -97,12 +98,12 @@ def prepare(ids: list[str]) -> None:
     models.clear()
 
 
-def worker(run_id: str, stop_at: float) -> int:
+def worker(run_id: str, stop_at: float, profile: str, profiles: Path | None) -> int:
     """Run ``run_id`` until it ends or the deadline passes; the exit code says which."""
     from repro.runs.sequential import Paused, run_sequential
 
     try:
-        run_sequential(run_params(run_id), progress=True, stop_at=stop_at)
+        run_sequential(run_params(run_id, profile, profiles), progress=True, stop_at=stop_at)
     except Paused as why:
         print(why, flush=True)
         return PAUSED
@@ -126,6 +127,11 @@ class Outcome:
         return f"{self.run_id:40s} {self.before:6d} {self.after:6d} / {self.n_edits:<6d} {rate:>8s}  {what}"
 
 
+def _shown(p: Path) -> str:
+    """``p`` relative to the repository where it lies inside it, else its name."""
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else p.name
+
+
 def pack(paths: list[Path], out: Path, part_bytes: int, total_bytes: int) -> tuple[list[Path], list[Path]]:
     """Tar ``paths`` (relative to the repository) in order into ``out`` parts of at most
     ``part_bytes``; a file that would take the total over ``total_bytes`` is left out. Returns
@@ -142,7 +148,7 @@ def pack(paths: list[Path], out: Path, part_bytes: int, total_bytes: int) -> tup
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         for p in kept:
-            tar.add(p, arcname=str(p.relative_to(ROOT)))
+            tar.add(p, arcname=_shown(p))
     data = buf.getvalue()
     parts = []
     for i in range(0, len(data), part_bytes):
@@ -159,11 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", "device_runs")))
     ap.add_argument("--part-mib", type=float, default=15.5)
     ap.add_argument("--total-mib", type=float, default=60.0)
+    ap.add_argument("--profile", default="default", help="the profile the ids belong to")
+    ap.add_argument("--profiles", type=Path, help="the profiles file (default: study.yaml)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--stop-at", type=float, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        return worker(a.worker, a.stop_at)
+        return worker(a.worker, a.stop_at, a.profile, a.profiles)
     if not a.ids:
         ap.error("name at least one run id")
     if a.minutes <= 0:
@@ -171,12 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("NORMGROWTH_DEVICE", "cuda")
     t0 = time.time()
     stop_at = t0 + 60 * a.minutes
-    params = {i: run_params(i) for i in a.ids}  # every id checked before anything loads
+    params = {i: run_params(i, a.profile, a.profiles) for i in a.ids}  # every id checked before anything loads
     a.out.mkdir(parents=True, exist_ok=True)
     logs = Path(tempfile.mkdtemp(prefix="device_runs_")) / "logs"  # packed into one file in DIR
     logs.mkdir()
     before = {i: edits_done(p) for i, p in params.items()}
-    prepare([i for i in a.ids if before[i] < params[i].n_edits])
+    prepare([params[i] for i in a.ids if before[i] < params[i].n_edits])
     print(f"prepared in {time.time() - t0:.0f} s; runs until {time.strftime('%H:%M:%S', time.localtime(stop_at))}",
           flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "TQDM_MININTERVAL": "30"}
@@ -185,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         if before[i] >= params[i].n_edits:
             continue
         log = open(logs / f"{i}.log", "w")
-        procs[i] = (subprocess.Popen([sys.executable, __file__, "--worker", i, "--stop-at", str(stop_at)],
+        where = ["--profile", a.profile] + (["--profiles", str(a.profiles.resolve())] if a.profiles else [])
+        procs[i] = (subprocess.Popen([sys.executable, __file__, "--worker", i, "--stop-at", str(stop_at), *where],
                                      cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT), time.time())
     codes, took, pending = {}, {}, dict(procs)
     while pending:
@@ -209,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
              *[o.line() for o in outcomes],
              f"device: {os.environ['NORMGROWTH_DEVICE']}; wall {time.time() - t0:.0f} s; s/edit = this stretch's wall "
              f"time over its edits, all runs sharing the device",
-             *[f"left out (over the size limit): {p.relative_to(ROOT)}" for p in left]]
+             f"packed in {', '.join(p.name for p in parts) or 'nothing'}: "
+             + (", ".join(_shown(p) for p in carry if p not in left) or "nothing"),
+             *[f"left out (over the size limit): {_shown(p)}" for p in left]]
     (a.out / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     with tarfile.open(a.out / "logs.tar.gz", "w:gz") as tar:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import io
+from pathlib import Path
 import sys
 import tarfile
 
@@ -49,3 +50,43 @@ def test_bad_arguments_are_refused_before_anything_runs(capsys):
     with pytest.raises(SystemExit):
         device_runs.main(["rome_smollm2-135m_n3000", "--minutes", "0"])
     assert "--minutes must be positive" in capsys.readouterr().err
+
+
+def test_runs_go_to_their_deadline_and_come_back_packed(tmp_path, tiny_dir, monkeypatch):
+    """End to end on the CPU: two runs of a tiny model, one short enough to finish, one paused at the
+    deadline; what comes back resumes to the same file as a run made in one go."""
+    import json
+
+    import numpy as np
+    import yaml
+
+    from repro.runs.sequential import SequentialParams, run_sequential
+
+    hp = {"layer": 1, "v_steps": 2, "stats_tokens": 2000, "n_prefix_short": 1, "n_prefix_long": 1}
+    base = dict(model=tiny_dir, editor="rome", seed=0, measure_every=0, checkpoint_every=1, hparams=hp)
+    runs = [{"id": rid, "notebook": "notebooks/sequential_editing.ipynb",
+             "parameters": {**base, "n_edits": n, "output": str(tmp_path / "runs" / f"{rid}.nc")}}
+            for rid, n in (("short", 1), ("long", 3))]
+    profiles = tmp_path / "profiles.yaml"
+    profiles.write_text(yaml.safe_dump({"t": runs}))
+    monkeypatch.setenv("NORMGROWTH_DEVICE", "cpu")
+    out = tmp_path / "out"
+    # a deadline shorter than one edit: each run makes one batch, then stops
+    assert device_runs.main(["short", "long", "--profile", "t", "--profiles", str(profiles),
+                             "--minutes", "0.001", "--out", str(out)]) == 0
+    summary = (out / "summary.txt").read_text()
+    assert "finished" in summary.splitlines()[1] and "paused" in summary.splitlines()[2]
+    parts = sorted(out.glob("results.tar.*"))
+    with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
+        names = tar.getnames()
+        assert sorted(Path(n).name for n in names) == ["long.nc.state.pt", "short.nc"]
+        back = tmp_path / "back"
+        tar.extractall(back, filter="data")
+    state = next(back.rglob("long.nc.state.pt"))
+    (tmp_path / "runs" / "long.nc.state.pt").write_bytes(state.read_bytes())  # as if carried back here
+    p = SequentialParams(**{**base, "n_edits": 3, "output": str(tmp_path / "runs" / "long.nc")})
+    resumed = run_sequential(p, progress=False)
+    whole = run_sequential(SequentialParams(**{**base, "n_edits": 3, "output": str(tmp_path / "whole.nc")}),
+                           progress=False)
+    np.testing.assert_allclose(resumed["weight_norm"], whole["weight_norm"], rtol=1e-6)
+    assert json.loads(resumed.attrs["segment_starts"]) == [0, 1]
