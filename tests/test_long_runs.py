@@ -284,7 +284,7 @@ def test_long_run_table_reads_growth_crossing_and_status_from_the_files():
 def test_each_edit_is_put_on_the_device_of_its_stretch():
     import json
 
-    from repro.reporting.tables import edit_devices, long_run_table, provenance_lines
+    from repro.reporting.tables import edit_devices, long_run_table, provenance_lines, stretch_table
 
     ds, _ = _long_file("rome", 10, 3000, 2.0)
     assert set(edit_devices(ds)) == {"cpu"}
@@ -300,6 +300,9 @@ def test_each_edit_is_put_on_the_device_of_its_stretch():
     row = long_run_table({"a": (ds, None)}).iloc[0]
     assert row["s/edit CPU"] == pytest.approx(2.5) and row["s/edit GPU"] == pytest.approx(0.5)
     ds.attrs["git_shas_by_segment"] = json.dumps(["a", "b", "c", "d"])
+    table = stretch_table({"a": (ds, None)})
+    assert list(table["edits"]) == ["1–4", "5–7", "8–10"] and list(table["device"]) == ["cpu", "cuda", "cpu"]
+    assert list(table["commits"]) == ["a, b", "c", "d"] and list(table["s/edit"]) == pytest.approx([2.5, 0.5, 2.5])
     assert provenance_lines(ds, "x.nc").endswith("stretches (from edit, device, git): ?, cpu, a; ?, cpu, b; "
                                                  "5, cuda:0, c; 8, cpu, d")
 

@@ -339,6 +339,39 @@ def edit_devices(ds: xr.Dataset) -> np.ndarray:
     return out
 
 
+def stretch_table(runs: dict):
+    """One row per stretch of each run (a run paused and resumed, perhaps on another machine): its
+    edits (first and last), device, commit and median editor seconds per fact. Stretches saved
+    before their starting counts were recorded are merged into one row where they share a device
+    (their edits cannot be told apart). A pandas DataFrame."""
+    import json
+
+    import pandas as pd
+
+    rows = []
+    for ds, _ in runs.values():
+        params = json.loads(ds.attrs["params"])
+        batch = int(params.get("batch_size", 1))
+        name = display_name(str(ds.attrs.get("editor"))) + (f", batches of {batch}" if batch > 1 else "")
+        on = edit_devices(ds)
+        try:
+            starts = [int(x) for x in json.loads(ds.attrs["segment_starts"])]
+            shas = [str(g) for g in json.loads(ds.attrs.get("git_shas_by_segment", "[]"))]
+        except (KeyError, TypeError, ValueError):
+            continue
+        known = [i for i, x in enumerate(starts) if x >= 0]
+        bounds = [(0, starts[known[0]] if known else len(on), ", ".join(g[:7] for g in shas[: known[0] if known else len(shas)]))]
+        bounds += [(starts[i], starts[j] if j is not None else len(on), shas[i][:7] if i < len(shas) else "?")
+                   for i, j in zip(known, known[1:] + [None])]
+        sec = ds["edit_seconds"].values
+        for first, end, commits in bounds:
+            if end <= first:
+                continue
+            rows.append({"run": name, "edits": f"{first + 1:,}–{end:,}", "device": on[first],
+                         "s/edit": float(np.nanmedian(sec[first:end])), "commits": commits})
+    return pd.DataFrame(rows)
+
+
 def long_run_table(runs: dict, at=(100, 1000, 3000)):
     """One row per run (labelled by editor and batch size): edits done of those planned, status, median editor
     seconds per fact on CPUs and on GPUs (:func:`edit_devices`; NaN where none was made there), growth of the edited matrices (:func:`growth_at`) after each count of ``at``
