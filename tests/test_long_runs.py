@@ -403,17 +403,25 @@ def test_a_run_past_its_deadline_pauses_with_its_state_and_resumes_to_the_same_r
     assert json.loads(full.attrs["segment_starts"]) == [0]
 
 
-def test_a_state_from_before_segments_were_recorded_keeps_its_stretches_apart(tmp_path, tiny_dir, interrupt_at,
-                                                                              monkeypatch):
-    from repro.core.store import load_state, save_state, state_path
+def interrupted(p, at: int, interrupt_at, monkeypatch):
+    """Run ``p`` until its ``at``-th editor call is interrupted (the state saved before it stays);
+    return the state file and the state, with the real editor back in place to resume."""
+    from repro.core.store import load_state, state_path
 
-    p = params(tmp_path, tiny_dir, n_edits=3)
-    real = interrupt_at(experiment, 2)
+    real = interrupt_at(experiment, at)
     with pytest.raises(KeyboardInterrupt):
         run_sequential(p, progress=False)
     monkeypatch.setattr(experiment, "make_editor", real)
     path = state_path(experiment.from_root(p.output))
-    old = load_state(path)
+    return path, load_state(path)
+
+
+def test_a_state_from_before_segments_were_recorded_keeps_its_stretches_apart(tmp_path, tiny_dir, interrupt_at,
+                                                                              monkeypatch):
+    from repro.core.store import save_state
+
+    p = params(tmp_path, tiny_dir, n_edits=3)
+    path, old = interrupted(p, 2, interrupt_at, monkeypatch)
     for key in ("devices", "segment_starts"):  # as states saved by earlier versions of the package
         old.pop(key)
     save_state(path, old)
@@ -428,15 +436,10 @@ def test_a_resumed_run_keeps_the_context_prefixes_it_started_with(tmp_path, tiny
                                                                  editor, hp):
     """Prefixes are sampled with the device's random stream: a run resumed on another device must
     not draw new ones. The state carries them; the file names them."""
-    from repro.core.store import load_state, save_state, state_path
+    from repro.core.store import save_state
 
     p = params(tmp_path, tiny_dir, editor=editor, n_edits=3, hparams=hp)
-    real = interrupt_at(experiment, 2)
-    with pytest.raises(KeyboardInterrupt):
-        run_sequential(p, progress=False)
-    monkeypatch.setattr(experiment, "make_editor", real)
-    path = state_path(experiment.from_root(p.output))
-    state = load_state(path)
+    path, state = interrupted(p, 2, interrupt_at, monkeypatch)
     drawn = state["editor"]["templates"]
     assert drawn[0] == "{}" and len(drawn) == 3
     state["editor"]["templates"] = ["{}", "Elsewhere. {}"]  # as if drawn by another device's stream
@@ -444,7 +447,8 @@ def test_a_resumed_run_keeps_the_context_prefixes_it_started_with(tmp_path, tiny
     ds = run_sequential(p, progress=False)
     assert json.loads(ds.attrs["context_templates"]) == ["{}", "Elsewhere. {}"]
     with pytest.raises(ValueError, match="keeps no state|got keys"):
-        real(editor, experiment.load_model(tiny_dir), **hp).load_state_dict({"templates": drawn, "other": 1})
+        experiment.make_editor(editor, experiment.load_model(tiny_dir), **hp).load_state_dict(
+            {"templates": drawn, "other": 1})
 
 
 def test_measurements_are_kept_portably_and_older_states_still_resume(tmp_path, tiny_dir, interrupt_at, monkeypatch):
@@ -453,17 +457,12 @@ def test_measurements_are_kept_portably_and_older_states_still_resume(tmp_path, 
     Datasets still resume to the same file."""
     import pickle
 
-    from repro.core.store import load_state, save_state, state_path
+    from repro.core.store import save_state
 
     kw = dict(n_edits=3, measure_at=[1, 2], measure=dict(SMALL, parts=["quality"]))
     full = run_sequential(params(tmp_path / "a", tiny_dir, **kw), progress=False)
     p = params(tmp_path / "b", tiny_dir, **kw)
-    real = interrupt_at(experiment, 3)
-    with pytest.raises(KeyboardInterrupt):
-        run_sequential(p, progress=False)
-    monkeypatch.setattr(experiment, "make_editor", real)
-    path = state_path(experiment.from_root(p.output))
-    state = load_state(path)
+    path, state = interrupted(p, 3, interrupt_at, monkeypatch)
     assert len(state["measures"]) == 3 and all(isinstance(m, dict) for m in state["measures"])
     assert b"pandas" not in pickle.dumps(state["measures"])
     state["measures"] = [experiment.from_portable(m) for m in state["measures"]]  # as older states kept them

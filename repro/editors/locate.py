@@ -57,6 +57,35 @@ def context_templates(
     return out
 
 
+class SampledPrefixes:
+    """For locate-and-edit editors (ROME and MEMIT families; put before ``Editor`` in the bases):
+    ``templates``, the context prefixes of :func:`context_templates` drawn once from the editor's
+    ``hp.seed``, ``hp.n_prefix_short`` and ``hp.n_prefix_long``, and kept in the editor's state.
+    They are sampled with the random stream of the model's device, so a run resumed on another
+    device keeps the ones it started with instead of drawing new ones."""
+
+    _templates: list[str] | None = None
+
+    @property
+    def templates(self) -> list[str]:
+        if self._templates is None:
+            hp = self.hp
+            self._templates = context_templates(
+                self.lm, hp.seed, ((hp.n_prefix_short, 5), (hp.n_prefix_long, 10))
+            )
+        return self._templates
+
+    def state_dict(self) -> dict:
+        return {"templates": list(self.templates), **super().state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        templates = state.pop("templates", None)
+        super().load_state_dict(state)
+        if templates is not None:
+            self._templates = list(templates)
+
+
 @dataclass
 class ValueResult:
     v_star: torch.Tensor  # target output of the matrix at the subject's last token

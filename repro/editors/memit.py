@@ -38,7 +38,7 @@ from repro.editors.stats import second_moments
 from repro.editors.base import Editor, EditResult, Request
 from repro.editors.linalg import alphaedit_update, emmet_update, memit_update, null_space_projector, threshold_from_spectrum
 from repro.core.scoring import encode_rows, fill
-from repro.editors.locate import ValueRequest, ValueResult, context_templates, optimize_values, subject_keys
+from repro.editors.locate import SampledPrefixes, ValueRequest, ValueResult, optimize_values, subject_keys
 
 
 @dataclass
@@ -126,7 +126,7 @@ def norm_preimage(norm: torch.nn.Module, x0: torch.Tensor, target: torch.Tensor,
     return x
 
 
-class MEMIT(Editor):
+class MEMIT(SampledPrefixes, Editor):
     """MEMIT: ΔW_l = R Kᵀ (λ C + K Kᵀ)⁻¹ on each edited layer."""
 
     name = "memit"
@@ -143,29 +143,23 @@ class MEMIT(Editor):
         self.layers = layers
         self.mtype = hparams.mtype or lm.spec.mlp_out
         self._C: dict[int, torch.Tensor] | None = None
-        self._templates: list[str] | None = None
         self.prev_keys: dict[int, torch.Tensor] = {}
 
     def edited_matrices(self) -> list[tuple[int, str]]:
         return [(l, self.mtype) for l in self.layers]
 
-    # -- state carried between calls ------------------------------------------------------
-    # the context prefixes are sampled from the model, with the random stream of its device: a run
-    # keeps the ones it started with in its state, so that resuming it elsewhere changes nothing
+    # -- state carried between calls (the context prefixes: SampledPrefixes) ------------------
     def state_dict(self) -> dict:
-        state = {"templates": list(self.templates)}
+        state = super().state_dict()
         if self.keeps_keys:
             state["prev_keys"] = {l: k.cpu() for l, k in self.prev_keys.items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
-        templates = state.pop("templates", None)
         if self.keeps_keys:
             self.prev_keys = {int(l): k.to(self.lm.device) for l, k in state.pop("prev_keys", {}).items()}
-        super().load_state_dict(state)  # anything else is an error
-        if templates is not None:
-            self._templates = list(templates)
+        super().load_state_dict(state)  # the prefixes; anything else is an error
 
     def prepare(self) -> None:
         self.C(self.layers[0])
@@ -177,15 +171,6 @@ class MEMIT(Editor):
             hp = self.hp
             self._C = second_moments(self.lm, self.layers, self.mtype, hp.stats_corpus, hp.stats_tokens)
         return self._C[layer]
-
-    @property
-    def templates(self) -> list[str]:
-        if self._templates is None:
-            hp = self.hp
-            self._templates = context_templates(
-                self.lm, hp.seed, ((hp.n_prefix_short, 5), (hp.n_prefix_long, 10))
-            )
-        return self._templates
 
     def _layer_module(self, layer: int) -> torch.nn.Module:
         return get_module(self.lm.model, self.lm.spec.submodule_path(layer, "layer"))

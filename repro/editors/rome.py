@@ -19,7 +19,7 @@ from repro.core.models import LoadedModel
 from repro.editors.stats import second_moment
 from repro.editors.base import Editor, EditResult, Request
 from repro.editors.linalg import rank_one_update, solve_psd
-from repro.editors.locate import context_templates, optimize_value, subject_keys
+from repro.editors.locate import SampledPrefixes, optimize_value, subject_keys
 
 
 @dataclass
@@ -43,7 +43,7 @@ class ROMEHyperParams:
     seed: int = 0
 
 
-class ROME(Editor):
+class ROME(SampledPrefixes, Editor):
     name = "rome"
     hparams_class = ROMEHyperParams
     average_key_in_update = False
@@ -54,22 +54,9 @@ class ROME(Editor):
         if not 0 <= hparams.layer < lm.n_layers:
             raise ValueError(f"layer {hparams.layer} outside 0..{lm.n_layers - 1} for {lm.name}")
         self._C: torch.Tensor | None = None
-        self._templates: list[str] | None = None
 
     def edited_matrices(self) -> list[tuple[int, str]]:
         return [(self.hp.layer, self.mtype)]
-
-    # the context prefixes are sampled from the model, with the random stream of its device: a run
-    # keeps the ones it started with in its state, so that resuming it elsewhere changes nothing
-    def state_dict(self) -> dict:
-        return {"templates": list(self.templates)}
-
-    def load_state_dict(self, state: dict) -> None:
-        state = dict(state)
-        templates = state.pop("templates", None)
-        super().load_state_dict(state)
-        if templates is not None:
-            self._templates = list(templates)
 
     def prepare(self) -> None:
         self.C, self.templates  # noqa: B018 (computed and cached)
@@ -79,15 +66,6 @@ class ROME(Editor):
         if self._C is None:
             self._C = second_moment(self.lm, self.hp.layer, self.mtype, self.hp.stats_corpus, self.hp.stats_tokens)
         return self._C
-
-    @property
-    def templates(self) -> list[str]:
-        if self._templates is None:
-            hp = self.hp
-            self._templates = context_templates(
-                self.lm, hp.seed, ((hp.n_prefix_short, 5), (hp.n_prefix_long, 10))
-            )
-        return self._templates
 
     def apply(self, requests: list[Request]) -> EditResult:
         result = EditResult(deltas={})

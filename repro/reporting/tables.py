@@ -89,14 +89,10 @@ def provenance_lines(ds: xr.Dataset, path) -> str:
         f"git: {ds.attrs.get('git_sha', '?')}  device: {ds.attrs.get('device', '?')}  "
         f"created: {ds.attrs.get('created_utc', '?')}  wall time: {ds.attrs.get('wall_time_s', '?')} s",
     ]
-    if "devices_by_segment" in ds.attrs:  # a run made in stretches: where each began and ran
-        try:
-            stretches = zip(json.loads(ds.attrs["segment_starts"]), json.loads(ds.attrs["devices_by_segment"]),
-                            json.loads(ds.attrs.get("git_shas_by_segment", "[]")))
-            lines.append("stretches (from edit, device, git): " + "; ".join(
-                f"{'?' if int(s) < 0 else int(s) + 1}, {d}, {str(g)[:12]}" for s, d, g in stretches))
-        except (KeyError, TypeError, ValueError):
-            pass
+    stretches = _segments(ds)
+    if stretches:  # a run made in stretches: where each began and ran
+        lines.append("stretches (from edit, device, git): " + "; ".join(
+            f"{'?' if s < 0 else s + 1}, {d}, {g[:12]}" for s, d, g in stretches))
     return "\n".join(lines)
 
 
@@ -315,35 +311,53 @@ def run_status(ds: xr.Dataset) -> str:
     return str(ds.attrs.get("stop_reason", "completed"))
 
 
-def edit_devices(ds: xr.Dataset) -> np.ndarray:
-    """The kind of device ("cpu", "cuda", ...) each edit of a run was made on, from the stretches
-    its file records (``devices_by_segment``, ``segment_starts``). Stretches saved before their
-    starting counts were recorded (start -1) come first; their edits take their device where those
-    stretches agree on one, else "unknown", as do the edits of files that record no stretches."""
+def _segments(ds: xr.Dataset) -> list[tuple[int, str, str]]:
+    """The stretches a run's file records, in order: (edits done when it began, -1 where that was
+    not recorded; device; commit, "?" where not recorded). Empty for files that record none."""
     import json
 
-    n = int(ds.sizes["edit"])
-    out = np.full(n, "unknown", dtype=object)
     try:
-        devices = [str(d).split(":")[0] for d in json.loads(ds.attrs["devices_by_segment"])]
-        starts = [int(s) for s in json.loads(ds.attrs["segment_starts"])]
+        starts = [int(x) for x in json.loads(ds.attrs["segment_starts"])]
+        devices = [str(d) for d in json.loads(ds.attrs["devices_by_segment"])]
+        shas = [str(g) for g in json.loads(ds.attrs.get("git_shas_by_segment", "[]"))]
     except (KeyError, TypeError, ValueError):
-        return out
-    known = [(s, d) for s, d in zip(starts, devices) if s >= 0]
-    early = {d for s, d in zip(starts, devices) if s < 0}
-    first = known[0][0] if known else n
-    if len(early) == 1:
-        out[:first] = early.pop()
-    for (start, dev), (end, _) in zip(known, known[1:] + [(n, None)]):
-        out[start:end] = dev
+        return []
+    return [(s, d, shas[i] if i < len(shas) else "?") for i, (s, d) in enumerate(zip(starts, devices))]
+
+
+def _spans(ds: xr.Dataset) -> list[tuple[int, int, str, list[str]]]:
+    """The edits of each stretch as (first, end) indices with the kind of device ("cpu", "cuda",
+    ...) and the commits. Stretches saved before their starting counts were recorded (start -1)
+    come first and form one span, on their device where they agree on one, else "unknown"."""
+    n = int(ds.sizes["edit"])
+    segs = [(s, d.split(":")[0], g) for s, d, g in _segments(ds)]
+    known = [seg for seg in segs if seg[0] >= 0]
+    early = [seg for seg in segs if seg[0] < 0]
+    spans = []
+    if early:
+        devices = {d for _, d, _ in early}
+        spans.append((0, known[0][0] if known else n, devices.pop() if len(devices) == 1 else "unknown",
+                      [g for _, _, g in early]))
+    for (start, dev, sha), nxt in zip(known, known[1:] + [None]):
+        spans.append((start, nxt[0] if nxt else n, dev, [sha]))
+    return [sp for sp in spans if sp[1] > sp[0]]
+
+
+def edit_devices(ds: xr.Dataset) -> np.ndarray:
+    """The kind of device ("cpu", "cuda", ...) each edit of a run was made on, from the stretches
+    its file records (:func:`_spans`); "unknown" where they do not tell, as for every edit of a
+    file that records no stretches."""
+    out = np.full(int(ds.sizes["edit"]), "unknown", dtype=object)
+    for first, end, dev, _ in _spans(ds):
+        out[first:end] = dev
     return out
 
 
 def stretch_table(runs: dict):
     """One row per stretch of each run (a run paused and resumed, perhaps on another machine): its
-    edits (first and last), device, commit and median editor seconds per fact. Stretches saved
-    before their starting counts were recorded are merged into one row where they share a device
-    (their edits cannot be told apart). A pandas DataFrame."""
+    edits (first and last), device, commits and median editor seconds per fact. Stretches saved
+    before their starting counts were recorded are one row (their edits cannot be told apart).
+    A pandas DataFrame."""
     import json
 
     import pandas as pd
@@ -353,22 +367,10 @@ def stretch_table(runs: dict):
         params = json.loads(ds.attrs["params"])
         batch = int(params.get("batch_size", 1))
         name = display_name(str(ds.attrs.get("editor"))) + (f", batches of {batch}" if batch > 1 else "")
-        on = edit_devices(ds)
-        try:
-            starts = [int(x) for x in json.loads(ds.attrs["segment_starts"])]
-            shas = [str(g) for g in json.loads(ds.attrs.get("git_shas_by_segment", "[]"))]
-        except (KeyError, TypeError, ValueError):
-            continue
-        known = [i for i, x in enumerate(starts) if x >= 0]
-        bounds = [(0, starts[known[0]] if known else len(on), ", ".join(g[:7] for g in shas[: known[0] if known else len(shas)]))]
-        bounds += [(starts[i], starts[j] if j is not None else len(on), shas[i][:7] if i < len(shas) else "?")
-                   for i, j in zip(known, known[1:] + [None])]
         sec = ds["edit_seconds"].values
-        for first, end, commits in bounds:
-            if end <= first:
-                continue
-            rows.append({"run": name, "edits": f"{first + 1:,}–{end:,}", "device": on[first],
-                         "s/edit": float(np.nanmedian(sec[first:end])), "commits": commits})
+        for first, end, dev, shas in _spans(ds):
+            rows.append({"run": name, "edits": f"{first + 1:,}–{end:,}", "device": dev,
+                         "s/edit": float(np.nanmedian(sec[first:end])), "commits": ", ".join(g[:7] for g in shas)})
     return pd.DataFrame(rows)
 
 
