@@ -15,7 +15,11 @@ Then it prints a table (run, edits before and after, seconds per edit in this st
 also written to DIR/summary.txt with each run's log in DIR/logs.tar.gz, and packs each finished
 file or resume state, in the order given, into DIR/results.tar split into parts below the size
 limit (``--part-mib``, ``--total-mib``); a state that does not fit is left out and the summary says
-so. Back on any machine: ``cat results.tar.* | tar -x``, then ``python -m repro.study --only ID``
+so. With ``--stage STAGE`` (a folder on the device machine that outlives the call) nothing is left
+out: every part is written to STAGE, DIR gets the first parts that fit one return, and each later
+call of ``device_runs.py --send STAGE --out DIR`` puts the next ones in DIR, until all have gone
+(a state of ENCORE or AlphaEdit, which keep every earlier key, passes 64 MiB near 1,000 edits on
+SmolLM2-135M). Back on any machine: ``cat results.tar.* | tar -x``, then ``python -m repro.study --only ID``
 executes the run's notebook, reusing a finished file or resuming from the state. The file records
 which stretch of the run was made on which device (``devices_by_segment``, ``segment_starts``).
 On a copy of the repository, set ``NORMGROWTH_GIT_SHA`` to the commit the copy was made from (the
@@ -158,6 +162,36 @@ def pack(paths: list[Path], out: Path, part_bytes: int, total_bytes: int) -> tup
     return parts, left
 
 
+def send(stage: Path, out: Path, total_bytes: int, max_files: int) -> tuple[list[Path], list[Path]]:
+    """Copy into ``out``, in order, the parts in ``stage`` not sent before, as many as fit in
+    ``total_bytes`` and ``max_files``, and record them as sent (``stage/sent.txt``). Returns (the
+    parts copied now, the parts still to send). A part larger than ``total_bytes`` can never be sent:
+    that is an error, not a silent skip."""
+    record = stage / "sent.txt"
+    sent = set(record.read_text().split()) if record.exists() else set()
+    todo = sorted(p for p in stage.glob("results.tar.*") if p.name not in sent)
+    now, size = [], 0
+    for p in todo:
+        if p.stat().st_size > total_bytes:
+            raise ValueError(f"{p.name} ({p.stat().st_size} bytes) is larger than one return ({total_bytes} bytes)")
+        if len(now) == max_files or size + p.stat().st_size > total_bytes:
+            break
+        now.append(p)
+        size += p.stat().st_size
+    out.mkdir(parents=True, exist_ok=True)
+    for p in now:
+        (out / p.name).write_bytes(p.read_bytes())
+    with open(record, "a") as f:
+        f.writelines(f"{p.name}\n" for p in now)
+    return [out / p.name for p in now], todo[len(now):]
+
+
+def _send_lines(stage: Path, sent: list[Path], rest: list[Path]) -> list[str]:
+    return [f"sent now: {', '.join(p.name for p in sent) or 'nothing'}",
+            f"still in {stage}: {', '.join(p.name for p in rest)} (next: device_runs.py --send {stage} --out DIR)"
+            if rest else f"all parts of {stage} sent: cat results.tar.* | tar -x"]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("ids", nargs="*")
@@ -167,11 +201,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--total-mib", type=float, default=60.0)
     ap.add_argument("--profile", default="default", help="the profile the ids belong to")
     ap.add_argument("--profiles", type=Path, help="the profiles file (default: study.yaml)")
+    ap.add_argument("--max-files", type=int, default=6, help="most parts in one return")
+    ap.add_argument("--stage", type=Path, help="write every part here (no total limit); --out gets the first")
+    ap.add_argument("--send", type=Path, metavar="STAGE", help="only put the next unsent parts of STAGE in --out")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--stop-at", type=float, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         return worker(a.worker, a.stop_at, a.profile, a.profiles)
+    if a.send:
+        if a.ids:
+            ap.error("--send takes no run ids")
+        if not a.send.is_dir():
+            ap.error(f"--send: no staged parts in {a.send}")
+        sent, rest = send(a.send, a.out, int(a.total_mib * 2**20), a.max_files)
+        print("\n".join(_send_lines(a.send, sent, rest)))
+        return 0
     if not a.ids:
         ap.error("name at least one run id")
     if a.minutes <= 0:
@@ -213,14 +258,21 @@ def main(argv: list[str] | None = None) -> int:
         path = out if out.exists() else store.state_path(out)
         outcomes.append(Outcome(i, before[i], edits_done(p), p.n_edits, took.get(i, 0.0), codes.get(i, 0), path))
     carry = [o.path for o in outcomes if o.path.exists() and o.after > o.before]
-    parts, left = pack(carry, a.out / "results.tar", int(a.part_mib * 2**20), int(a.total_mib * 2**20))
+    if a.stage:
+        for old in [*a.stage.glob("results.tar.*"), a.stage / "sent.txt"]:  # an earlier call's parts
+            old.unlink(missing_ok=True)
+        parts, left = pack(carry, a.stage / "results.tar", int(a.part_mib * 2**20), sys.maxsize)
+        sent, rest = send(a.stage, a.out, int(a.total_mib * 2**20), a.max_files)
+    else:
+        parts, left = pack(carry, a.out / "results.tar", int(a.part_mib * 2**20), int(a.total_mib * 2**20))
     lines = [f"{'run':40s} {'before':>6s} {'after':>6s} / {'planned':<6s} {'s/edit':>8s}  outcome",
              *[o.line() for o in outcomes],
              f"device: {os.environ['NORMGROWTH_DEVICE']}; wall {time.time() - t0:.0f} s; s/edit = this stretch's wall "
              f"time over its edits, all runs sharing the device",
              f"packed in {', '.join(p.name for p in parts) or 'nothing'}: "
              + (", ".join(_shown(p) for p in carry if p not in left) or "nothing"),
-             *[f"left out (over the size limit): {_shown(p)}" for p in left]]
+             *[f"left out (over the size limit): {_shown(p)}" for p in left],
+             *(_send_lines(a.stage, sent, rest) if a.stage else [])]
     (a.out / "summary.txt").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     with tarfile.open(a.out / "logs.tar.gz", "w:gz") as tar:

@@ -44,12 +44,46 @@ def test_pack_splits_in_order_and_leaves_out_what_does_not_fit(tmp_path, monkeyp
         assert tar.extractfile("c.bin").read() == files[2].read_bytes()
 
 
+def test_staged_parts_go_out_over_several_returns_and_rebuild_the_files(tmp_path, monkeypatch, capsys):
+    """A file larger than one return is not left out when staged: the parts leave in order, at most
+    the limit per call, each once, and together they are the whole tar."""
+    monkeypatch.setattr(device_runs, "ROOT", tmp_path)
+    big = tmp_path / "big.state.pt"
+    big.write_bytes(bytes(range(256)) * 100)  # 25,600 bytes
+    stage = tmp_path / "stage"
+    parts, left = device_runs.pack([big], stage / "results.tar", 4096, 2**62)
+    n = len(parts)
+    assert left == [] and n > 6 and all(p.stat().st_size <= 4096 for p in parts)
+    outs, calls = [], -(-n // 2)
+    for call in range(calls):
+        out = tmp_path / f"out{call}"
+        sent, rest = device_runs.send(stage, out, 9000, 6)  # two parts of 4096 fit in 9000 bytes
+        outs.append(sorted(out.glob("results.tar.*")))
+        assert [p.name for p in sent] == [p.name for p in outs[-1]]
+        assert len(rest) == max(0, n - 2 * (call + 1))
+    assert [len(o) for o in outs[:-1]] == [2] * (calls - 1) and len(outs[-1]) in (1, 2)
+    whole = b"".join(p.read_bytes() for o in outs for p in o)
+    with tarfile.open(fileobj=io.BytesIO(whole)) as tar:
+        assert tar.extractfile("big.state.pt").read() == big.read_bytes()
+    # nothing more to send; a call through the command line says so
+    assert device_runs.main(["--send", str(stage), "--out", str(tmp_path / "last")]) == 0
+    assert "all parts" in capsys.readouterr().out and not any((tmp_path / "last").glob("results.tar.*"))
+    # the file-count limit binds too, and a part larger than one return is an error, not a skip
+    (stage / "sent.txt").unlink()
+    assert len(device_runs.send(stage, tmp_path / "out5", 10**6, 3)[0]) == 3
+    with pytest.raises(ValueError, match="larger than one return"):
+        device_runs.send(stage, tmp_path / "out6", 1000, 6)
+
+
 def test_bad_arguments_are_refused_before_anything_runs(capsys):
     with pytest.raises(SystemExit):
         device_runs.main([])
     with pytest.raises(SystemExit):
         device_runs.main(["rome_smollm2-135m_n3000", "--minutes", "0"])
     assert "--minutes must be positive" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        device_runs.main(["--send", "/nonexistent/stage"])
+    assert "no staged parts" in capsys.readouterr().err
 
 
 def test_runs_go_to_their_deadline_and_come_back_packed(tmp_path, tiny_dir, monkeypatch):
@@ -73,10 +107,18 @@ def test_runs_go_to_their_deadline_and_come_back_packed(tmp_path, tiny_dir, monk
     out = tmp_path / "out"
     # a deadline shorter than one edit: each run makes one batch, then stops
     assert device_runs.main(["short", "long", "--profile", "t", "--profiles", str(profiles),
-                             "--minutes", "0.001", "--out", str(out)]) == 0
+                             "--minutes", "0.001", "--out", str(out), "--stage", str(tmp_path / "stage"),
+                             "--part-mib", "0.01", "--total-mib", "0.02"]) == 0
     summary = (out / "summary.txt").read_text()
     assert "finished" in summary.splitlines()[1] and "paused" in summary.splitlines()[2]
     parts = sorted(out.glob("results.tar.*"))
+    assert len(parts) == 2 and "still in" in summary  # the states are larger than one return of 0.02 MiB
+    for call in range(100):  # later calls bring the rest
+        more = tmp_path / f"more{call}"
+        assert device_runs.main(["--send", str(tmp_path / "stage"), "--out", str(more), "--total-mib", "0.02"]) == 0
+        parts += sorted(more.glob("results.tar.*"))
+        if not any(more.glob("*")):
+            break
     with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
         names = tar.getnames()
         assert sorted(Path(n).name for n in names) == ["long.nc.state.pt", "short.nc"]
