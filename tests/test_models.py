@@ -178,3 +178,47 @@ def test_auto_placement_loads_through_accelerate_and_edits_the_same(tiny_dir, mo
     hp = {"layer": 1, "v_steps": 3, "stats_tokens": 2000, "n_prefix_short": 1, "n_prefix_long": 1}
     deltas = [next(iter(make_editor("rome", lm, **hp).apply([req]).deltas.values())) for lm in (placed, plain)]
     torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-5, atol=1e-7)
+
+
+
+class _FakeSaved:
+    """Stands in for a dequantized model or tokenizer: save_pretrained writes one file."""
+
+    def __init__(self, fname):
+        self.fname, self.config, self.hf_quantizer = fname, object(), None
+
+    def save_pretrained(self, d):
+        (d / self.fname).write_text("{}")
+
+
+def _race(tmp_path, monkeypatch, winner_files):
+    import types
+
+    import transformers
+
+    from repro.core import models
+
+    target = tmp_path / "cache" / "m"
+    target.mkdir(parents=True)
+    for f in winner_files:  # what the other process put in place first
+        (target / f).write_text("winner")
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: _FakeSaved("config.json"))
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: _FakeSaved("tokenizer.json"))
+    monkeypatch.setitem(models.PACKAGED, "m", types.SimpleNamespace(gguf_path=lambda: tmp_path / "w.gguf"))
+    return models, target
+
+
+def test_a_cache_finished_by_another_process_is_used(tmp_path, monkeypatch):
+    """Two runs started together both dequantize the packaged model; the one that renames its copy
+    into place second finds the target taken and uses the winner's copy instead of failing."""
+    models, target = _race(tmp_path, monkeypatch, ["config.json", "model.safetensors"])
+    models._dequantize_to_cache("m", target)
+    assert (target / "config.json").read_text() == "winner"
+    assert list(target.parent.iterdir()) == [target]  # no temporary copy left behind
+
+
+def test_a_half_written_cache_in_the_way_is_an_error(tmp_path, monkeypatch):
+    models, target = _race(tmp_path, monkeypatch, ["model.safetensors"])  # no config.json: not a cache
+    with pytest.raises(OSError):
+        models._dequantize_to_cache("m", target)
+    assert list(target.parent.iterdir()) == [target]

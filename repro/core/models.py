@@ -325,7 +325,14 @@ def _dequantize_to_cache(name: str, target: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            # another process (a second run started alongside) finished the same cache first:
+            # its copy is as good as ours
+            if not (target / "config.json").exists():
+                raise
+            log.info("%s was cached by another process meanwhile; using that copy", name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
