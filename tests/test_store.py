@@ -90,6 +90,9 @@ def test_git_sha_dirty_for_code_not_for_run_outputs(tmp_path):
     (tmp_path / "data" / "runs").mkdir(parents=True)
     (tmp_path / "code.py").write_text("x = 1\n")
     (tmp_path / "data" / "runs" / "a.nc.state.pt").write_text("state 1")
+    (tmp_path / "book").mkdir()
+    (tmp_path / "book" / "_toc.yml").write_text("runs: []\n")
+    (tmp_path / "book" / "intro.md").write_text("intro\n")
     git("add", "-A"); git("commit", "-q", "-m", "c")
     clean = store.git_sha(tmp_path)
     assert len(clean) == 40
@@ -97,6 +100,11 @@ def test_git_sha_dirty_for_code_not_for_run_outputs(tmp_path):
     assert store.git_sha(tmp_path) == clean
     (tmp_path / "data" / "runs" / "a.nc.state.pt").unlink()                # a run that finished
     assert store.git_sha(tmp_path) == clean
+    (tmp_path / "book" / "_toc.yml").write_text("runs: [a]\n")             # ...and the runner listed it
+    assert store.git_sha(tmp_path) == clean
+    (tmp_path / "book" / "intro.md").write_text("more\n")                  # other book pages are not outputs
+    assert store.git_sha(tmp_path) == clean + "-dirty"
+    git("checkout", "--", "book/intro.md")
     (tmp_path / "code.py").write_text("x = 2\n")                           # the code changed
     assert store.git_sha(tmp_path) == clean + "-dirty"
 

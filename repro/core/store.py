@@ -17,9 +17,10 @@ log = logging.getLogger(__name__)
 
 PROVENANCE_PACKAGES = ("torch", "transformers", "peft", "xarray", "netCDF4", "numpy", "normgrowth")
 
-# What runs write (result files, resume states, executed notebooks): changes there are products of
-# the code, not changes to it, so they do not make a commit "dirty".
-RUN_OUTPUTS = ("data/runs", "book/runs")
+# What runs write (result files, resume states, executed notebooks, and the book's TOC, which the
+# study runner rewrites to list the executed notebooks): changes there are products of the code, not
+# changes to it, so they do not make a commit "dirty".
+RUN_OUTPUTS = ("data/runs", "book/runs", "book/_toc.yml")
 
 
 def git_sha(cwd: str | Path | None = None) -> str:
