@@ -180,7 +180,6 @@ def test_auto_placement_loads_through_accelerate_and_edits_the_same(tiny_dir, mo
     torch.testing.assert_close(deltas[0], deltas[1], rtol=1e-5, atol=1e-7)
 
 
-
 class _FakeSaved:
     """Stands in for a dequantized model or tokenizer: save_pretrained writes one file."""
 

@@ -308,6 +308,11 @@ def put_weights(lm: LoadedModel, matrices, weights) -> None:
         lm.spec.weight(lm.model, layer, mtype).copy_(w)  # copy_ crosses devices: each matrix stays put
 
 
+def _is_cached(path: Path) -> bool:
+    """Whether ``path`` holds a finished cache of a packaged model (its config is written with it)."""
+    return (path / "config.json").exists()
+
+
 def _dequantize_to_cache(name: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -330,7 +335,7 @@ def _dequantize_to_cache(name: str, target: Path) -> None:
         except OSError:
             # another process (a second run started alongside) finished the same cache first:
             # its copy is as good as ours
-            if not (target / "config.json").exists():
+            if not _is_cached(target):
                 raise
             log.info("%s was cached by another process meanwhile; using that copy", name)
     finally:
@@ -396,7 +401,7 @@ def load_model(
     dev = None if auto else resolve_device(device)
     placement = {"device_map": AUTO} if auto else {}
     source = model_source(name)
-    if name in PACKAGED and not (Path(source) / "config.json").exists():
+    if name in PACKAGED and not _is_cached(Path(source)):
         _dequantize_to_cache(name, Path(source))
     # a cached hub id with no hub in reach: read the cache without retrying the network
     local = {"local_files_only": True} if isinstance(source, str) and not _hub_reachable() else {}
