@@ -470,3 +470,26 @@ def test_measurements_are_kept_portably_and_older_states_still_resume(tmp_path, 
     resumed = run_sequential(p, progress=False)
     for name in ("es", "fact_es", "weight_norm"):
         np.testing.assert_allclose(resumed[name].values, full[name].values, rtol=1e-6)
+
+
+def test_the_file_names_the_commit_its_last_stretch_ran_not_where_the_checkout_moved(tmp_path, tiny_dir,
+                                                                                   interrupt_at, monkeypatch):
+    """A long run's code is loaded when its stretch starts; if the checkout moves to another commit
+    while it runs, the finished file still names the commit that made the edits (as progress views do)."""
+    from repro.core import store
+
+    p = params(tmp_path, tiny_dir, n_edits=4)
+    monkeypatch.setenv("NORMGROWTH_GIT_SHA", "a" * 40)
+    interrupted(p, 3, interrupt_at, monkeypatch)
+    monkeypatch.setenv("NORMGROWTH_GIT_SHA", "b" * 40)  # the next stretch starts from commit b
+    real_sha = store.git_sha
+    calls = []
+
+    def moved_after_start(cwd=None):  # the stretch's first look at git sees b; later looks see c
+        calls.append(cwd)
+        return real_sha(cwd) if len(calls) == 1 else "c" * 40
+    monkeypatch.setattr(store, "git_sha", moved_after_start)
+    ds = run_sequential(p, progress=False)
+    assert len(calls) >= 2  # the file's write looked at git again: without the stretch's record it would say c
+    assert json.loads(ds.attrs["git_shas_by_segment"]) == ["a" * 40, "b" * 40]
+    assert ds.attrs["git_sha"] == "b" * 40

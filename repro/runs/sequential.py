@@ -328,11 +328,14 @@ def from_portable(m) -> xr.Dataset:
 
 def _segment_attrs(state: dict) -> dict:
     """The stretches a run was made in: commit, device and starting edit count of each (-1: a
-    stretch saved before starting counts were recorded); and the editor's context prefixes, which
-    the state keeps so that every stretch uses the same ones ("none" for editors without)."""
+    stretch saved before starting counts were recorded); the run's ``git_sha``, the commit its last
+    stretch started from (the code that made the edits, even if the checkout moved on while it ran);
+    and the editor's context prefixes, which the state keeps so that every stretch uses the same ones
+    ("none" for editors without)."""
     shas = state.get("git_shas", [])
     templates = (state.get("editor") or {}).get("templates")
-    return {"context_templates": templates if templates is not None else "none",
+    return {"git_sha": (shas or ["unknown"])[-1],
+            "context_templates": templates if templates is not None else "none",
             "git_shas_by_segment": shas,
             "devices_by_segment": state.get("devices", [state.get("device", "not recorded")] * len(shas)),
             "segment_starts": state.get("segment_starts", [-1] * len(shas))}
@@ -434,7 +437,6 @@ def snapshot(output: str | Path, write: bool = True) -> xr.Dataset | None:
         collapse_params=state["params"].get("collapse", {}), stop_reason="in progress", n_edits_done=n_done,
         **_segment_attrs(state), snapshot_of=state_file.name,
     ))
-    ds.attrs["git_sha"] = (state.get("git_shas") or ["unknown"])[-1]  # the code that made the edits
     if write:
         store.write_netcdf(ds, progress_path(output))
     return ds
