@@ -9,9 +9,11 @@ from repro.editors.linalg import (
     emmet_update,
     memit_update,
     null_space_projector,
+    pack_symmetric,
     rank_one_update,
     solve_psd,
     threshold_from_spectrum,
+    unpack_symmetric,
 )
 
 
@@ -135,6 +137,38 @@ def test_alphaedit_update_leaves_preserved_keys_unchanged():
     # without the projection (P = I) the preserved keys would move
     free = alphaedit_update(V - W @ K, K, torch.eye(d_in, dtype=torch.float64), alpha=1e-3)
     assert (free @ K0).norm() / (W @ K0).norm() > 1e-2
+
+
+def test_alphaedit_update_from_the_gram_of_earlier_keys_equals_from_the_keys():
+    g = torch.Generator().manual_seed(4)
+    d_in, d_out = 9, 4
+    P, _ = null_space_projector(torch.diag(torch.linspace(1e-3, 5, d_in, dtype=torch.float64)), 1.0)
+    R = torch.randn(d_out, 2, generator=g, dtype=torch.float64)
+    K = torch.randn(d_in, 2, generator=g, dtype=torch.float64)
+    K_prev = torch.randn(d_in, 30, generator=g, dtype=torch.float64)
+    by_keys = alphaedit_update(R, K, P, 0.1, K_prev=K_prev)
+    by_gram = alphaedit_update(R, K, P, 0.1, gram_prev=K_prev[:, :10] @ K_prev[:, :10].T
+                               + K_prev[:, 10:] @ K_prev[:, 10:].T)
+    assert torch.allclose(by_keys, by_gram, rtol=1e-10, atol=1e-12)
+    assert not torch.allclose(by_keys, alphaedit_update(R, K, P, 0.1), rtol=1e-3)  # the earlier keys matter
+    with pytest.raises(ValueError, match="not both"):
+        alphaedit_update(R, K, P, 0.1, K_prev=K_prev, gram_prev=K_prev @ K_prev.T)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7])
+def test_pack_symmetric_round_trip(n):
+    A = torch.randn(n, n, dtype=torch.float64)
+    A = A + A.T
+    packed = pack_symmetric(A)
+    assert packed.shape == (n * (n + 1) // 2,)
+    assert torch.equal(unpack_symmetric(packed), A)
+
+
+def test_pack_symmetric_refuses_what_is_not_square_or_a_triangle():
+    with pytest.raises(ValueError, match="square"):
+        pack_symmetric(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="triangle"):
+        unpack_symmetric(torch.zeros(5))
 
 
 def test_threshold_from_spectrum_rejects_bad_energy():

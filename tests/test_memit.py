@@ -61,33 +61,83 @@ def test_memit_batch_update_has_rank_at_most_batch_size(tiny):
         assert torch.linalg.matrix_rank(delta.double(), rtol=1e-6) <= 2
 
 
+def _restore(lm, saved):
+    with torch.no_grad():
+        for l, w in saved.items():
+            lm.spec.weight(lm.model, l, "mlp_down").copy_(w)
+
+
 @pytest.mark.parametrize("name", ["alphaedit", "encore"])
 def test_earlier_keys_are_carried_and_resumable(tiny, name):
-    """AlphaEdit and ENCORE keep every edited key per layer on the editor (not in globals); a new
-    editor loaded from the state dict makes the same next update as the original."""
+    """AlphaEdit and ENCORE keep earlier edits' keys per layer on the editor (not in globals), as
+    their Gram matrix; a new editor loaded from the state dict makes the same next update as the
+    original."""
     a = make_editor(name, tiny, **TINY)
     reqs = _reqs()
     a.apply(reqs[:1])
-    assert {l: k.shape[1] for l, k in a.prev_keys.items()} == {1: 1, 2: 1}
+    assert sorted(a.prev_gram) == [1, 2] and a.n_prev_keys == 1
+    for g in a.prev_gram.values():
+        assert g.dtype == torch.float64 and torch.linalg.matrix_rank(g, rtol=1e-8) == 1
     b = make_editor(name, tiny, **TINY)
     b.load_state_dict(a.state_dict())
-    assert make_editor(name, tiny, **TINY).prev_keys == {}  # nothing leaks between editors
+    assert b.n_prev_keys == 1
+    fresh = make_editor(name, tiny, **TINY)
+    assert fresh.prev_gram == {} and fresh.n_prev_keys == 0  # nothing leaks between editors
     saved = {l: tiny.spec.weight(tiny.model, l, "mlp_down").clone() for l in (1, 2)}
     da = a.apply(reqs[1:]).deltas
-    with torch.no_grad():
-        for l, w in saved.items():
-            tiny.spec.weight(tiny.model, l, "mlp_down").copy_(w)
+    _restore(tiny, saved)
     db = b.apply(reqs[1:]).deltas
     for key in da:
         assert torch.allclose(da[key], db[key], atol=1e-6)
-    assert a.prev_keys[1].shape[1] == 2
+    assert a.n_prev_keys == 2
+    for g in a.prev_gram.values():
+        assert torch.linalg.matrix_rank(g, rtol=1e-8) == 2
+
+
+@pytest.mark.parametrize("name", ["alphaedit", "encore"])
+def test_the_gram_is_the_product_of_the_kept_keys(tiny, name, monkeypatch):
+    """The running Gram after several calls equals K_p K_pᵀ of all keys edited so far (to float64
+    rounding), and a state written when the keys themselves were kept (``prev_keys``) loads into
+    the same Gram and makes the same next update."""
+    editor = make_editor(name, tiny, **TINY)
+    seen: dict[int, list[torch.Tensor]] = {1: [], 2: []}
+    remember = editor._remember
+
+    def spy(layer, K):
+        seen[layer].append(K.double().clone())
+        remember(layer, K)
+
+    monkeypatch.setattr(editor, "_remember", spy)
+    reqs = _reqs()
+    editor.apply(reqs[:1])
+    editor.apply(reqs[1:])
+    assert editor.n_prev_keys == 2
+    keys = {l: torch.cat(ks, 1) for l, ks in seen.items()}
+    for l, K in keys.items():
+        assert K.shape[1] == 2
+        assert torch.allclose(editor.prev_gram[l], K @ K.T, rtol=1e-12, atol=0)
+    old_format = {k: v for k, v in editor.state_dict().items() if k not in ("prev_gram", "n_prev_keys")}
+    old_format["prev_keys"] = {l: K.clone() for l, K in keys.items()}
+    b = make_editor(name, tiny, **TINY)
+    b.load_state_dict(old_format)
+    assert b.n_prev_keys == 2
+    saved = {l: tiny.spec.weight(tiny.model, l, "mlp_down").clone() for l in (1, 2)}
+    more = [EditRequest(case_id=3, prompt="{} plays", subject="Lionel Messi", target_new="tennis",
+                        target_true="football")]
+    da = editor.apply(more).deltas
+    _restore(tiny, saved)
+    db = b.apply(more).deltas
+    for key in da:
+        assert torch.allclose(da[key], db[key], atol=1e-6)
+    with pytest.raises(ValueError, match="both"):
+        make_editor(name, tiny, **TINY).load_state_dict({**editor.state_dict(), "prev_keys": keys})
 
 
 def test_memit_keeps_only_its_context_prefixes(tiny):
     editor = make_editor("memit", tiny, **TINY)
     assert editor.state_dict() == {"templates": editor.templates}  # no keys: MEMIT forgets earlier edits
     with pytest.raises(ValueError):
-        editor.load_state_dict({"prev_keys": {}})
+        editor.load_state_dict({"prev_gram": {}})
 
 
 def test_alphaedit_update_is_blind_to_the_preserved_subspace(tiny):

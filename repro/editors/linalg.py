@@ -89,19 +89,46 @@ def threshold_from_spectrum(evals: torch.Tensor, energy: float) -> float:
 
 
 def alphaedit_update(R: torch.Tensor, K: torch.Tensor, P: torch.Tensor, alpha: float,
-                     K_prev: torch.Tensor | None = None) -> torch.Tensor:
+                     K_prev: torch.Tensor | None = None, gram_prev: torch.Tensor | None = None) -> torch.Tensor:
     """AlphaEdit's null-space-constrained update (Fang et al., 2025):
     ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹.
 
     Its rows lie in the range of P, so ΔW k = 0 for every key k with P k = 0 (the preserved
-    keys, up to the eigenvalue threshold that built P). ``K_prev`` (d_in, m) are earlier edits'
-    keys, kept so new edits do not undo old ones.
+    keys, up to the eigenvalue threshold that built P). Earlier edits' keys, kept so new edits do
+    not undo old ones, enter only through K_p K_pᵀ: give either the keys ``K_prev`` (d_in, m) or
+    their Gram matrix ``gram_prev`` (d_in, d_in).
     """
+    if K_prev is not None and gram_prev is not None:
+        raise ValueError("give earlier keys either as K_prev or as gram_prev, not both")
     K64, P64 = K.double(), P.double()
     S = K64 @ K64.T
     if K_prev is not None and K_prev.numel():
         Kp = K_prev.double()
         S = S + Kp @ Kp.T
+    if gram_prev is not None:
+        S = S + gram_prev.double()
     A = S @ P64 + alpha * torch.eye(P64.shape[0], dtype=torch.float64, device=P64.device)
     # ΔWᵀ = (P S + α I)⁻¹ P K Rᵀ  (A = S P + αI is not symmetric, so solve with Aᵀ = P S + α I)
     return torch.linalg.solve(A.T, P64 @ K64 @ R.double().T).T
+
+
+def pack_symmetric(A: torch.Tensor) -> torch.Tensor:
+    """The upper triangle of a symmetric (n, n) matrix, row by row, as a flat (n(n+1)/2,) tensor:
+    half the bytes of the matrix (see :func:`unpack_symmetric`)."""
+    if A.ndim != 2 or A.shape[0] != A.shape[1]:
+        raise ValueError(f"expected a square matrix, got shape {tuple(A.shape)}")
+    i, j = torch.triu_indices(A.shape[0], A.shape[0], device=A.device)
+    return A[i, j]
+
+
+def unpack_symmetric(packed: torch.Tensor) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle :func:`pack_symmetric` gave."""
+    m = packed.numel()
+    n = int(round(((8 * m + 1) ** 0.5 - 1) / 2))
+    if packed.ndim != 1 or n * (n + 1) // 2 != m:
+        raise ValueError(f"{tuple(packed.shape)} is not a packed upper triangle")
+    i, j = torch.triu_indices(n, n, device=packed.device)
+    A = packed.new_zeros((n, n))
+    A[i, j] = packed
+    A[j, i] = packed
+    return A

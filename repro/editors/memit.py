@@ -22,8 +22,12 @@ All four share one procedure and differ only in the closed-form update of each l
    Levenberg-Marquardt steps (:func:`norm_preimage`). Without this, MEMIT's single-edit updates on
    Gemma-3-270M had norms of 390-2,900 against 1.2-2.8 with it (``data/runs/tuning/gemma_memit_*.nc``).
 
-State carried between sequential calls (earlier edits' keys, used by AlphaEdit and ENCORE) lives
-on the editor object and is saved with :meth:`state_dict`.
+State carried between sequential calls lives on the editor object and is saved with
+:meth:`state_dict`. AlphaEdit and ENCORE need earlier edits' keys K_p only through their Gram
+matrix K_p K_pᵀ, so that is what they keep: a running float64 sum over calls (``prev_gram``), of
+constant size (d_in² per edited matrix) however many edits came before, saved as its upper
+triangle. It equals the product of all kept keys up to float64 summation order. States written
+when the keys themselves were kept (``prev_keys``) load into it.
 """
 from __future__ import annotations
 
@@ -36,7 +40,8 @@ from repro.core.hooks import StopForward, capture
 from repro.core.models import LoadedModel, get_module
 from repro.editors.stats import second_moments
 from repro.editors.base import Editor, EditResult, Request
-from repro.editors.linalg import alphaedit_update, emmet_update, memit_update, null_space_projector, threshold_from_spectrum
+from repro.editors.linalg import (alphaedit_update, emmet_update, memit_update, null_space_projector, pack_symmetric,
+                                  threshold_from_spectrum, unpack_symmetric)
 from repro.core.scoring import encode_rows, fill
 from repro.editors.locate import SampledPrefixes, ValueRequest, ValueResult, optimize_values, subject_keys
 
@@ -143,7 +148,8 @@ class MEMIT(SampledPrefixes, Editor):
         self.layers = layers
         self.mtype = hparams.mtype or lm.spec.mlp_out
         self._C: dict[int, torch.Tensor] | None = None
-        self.prev_keys: dict[int, torch.Tensor] = {}
+        self.prev_gram: dict[int, torch.Tensor] = {}  # layer -> K_p K_pᵀ (d_in, d_in), float64
+        self.n_prev_keys = 0  # how many earlier edits' keys the Gram matrices hold
 
     def edited_matrices(self) -> list[tuple[int, str]]:
         return [(l, self.mtype) for l in self.layers]
@@ -152,13 +158,24 @@ class MEMIT(SampledPrefixes, Editor):
     def state_dict(self) -> dict:
         state = super().state_dict()
         if self.keeps_keys:
-            state["prev_keys"] = {l: k.cpu() for l, k in self.prev_keys.items()}
+            state["prev_gram"] = {l: pack_symmetric(g.cpu()) for l, g in self.prev_gram.items()}
+            state["n_prev_keys"] = self.n_prev_keys
         return state
 
     def load_state_dict(self, state: dict) -> None:
         state = dict(state)
         if self.keeps_keys:
-            self.prev_keys = {int(l): k.to(self.lm.device) for l, k in state.pop("prev_keys", {}).items()}
+            gram = {int(l): unpack_symmetric(g) for l, g in state.pop("prev_gram", {}).items()}
+            n_prev = int(state.pop("n_prev_keys", 0))
+            keys = state.pop("prev_keys", None)  # states written when the keys themselves were kept
+            if keys:
+                if gram:
+                    raise ValueError("state holds both prev_keys and prev_gram")
+                keys = {int(l): k.double() for l, k in keys.items()}
+                gram = {l: k @ k.T for l, k in keys.items()}
+                n_prev = {k.shape[1] for k in keys.values()}.pop()
+            self.prev_gram = {l: g.to(self.lm.device) for l, g in gram.items()}
+            self.n_prev_keys = n_prev
         super().load_state_dict(state)  # the prefixes; anything else is an error
 
     def prepare(self) -> None:
@@ -224,8 +241,9 @@ class MEMIT(SampledPrefixes, Editor):
 
     def _remember(self, layer: int, K: torch.Tensor) -> None:
         if self.keeps_keys:
-            old = self.prev_keys.get(layer)
-            self.prev_keys[layer] = K if old is None else torch.cat([old, K], 1)
+            K64 = K.double()
+            old = self.prev_gram.get(layer)
+            self.prev_gram[layer] = K64 @ K64.T if old is None else old + K64 @ K64.T
 
     def update(self, layer: int, R: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
         """The closed-form ΔW of one layer (d_out, d_in), float64."""
@@ -285,6 +303,8 @@ class MEMIT(SampledPrefixes, Editor):
             result.add_time("update", time.perf_counter() - t)
             self._remember(layer, K)
             result.deltas[f"{layer}:{self.mtype}"] = delta
+        if self.keeps_keys:
+            self.n_prev_keys += len(requests)
         return result
 
 
@@ -322,7 +342,7 @@ class AlphaEdit(MEMIT):
         return self._P[layer]
 
     def update(self, layer, R, K):
-        return alphaedit_update(R, K, self.projector(layer), self.hp.l2, self.prev_keys.get(layer))
+        return alphaedit_update(R, K, self.projector(layer), self.hp.l2, gram_prev=self.prev_gram.get(layer))
 
 
 class ENCORE(MEMIT):
@@ -337,7 +357,7 @@ class ENCORE(MEMIT):
     def update(self, layer, R, K):
         C = self.C(layer)
         extra = self.hp.norm_weight * torch.eye(C.shape[0], dtype=torch.float64, device=C.device)
-        prev = self.prev_keys.get(layer)
+        prev = self.prev_gram.get(layer)
         if prev is not None:
-            extra = extra + prev @ prev.T
+            extra = extra + prev
         return memit_update(R, K, C, self.hp.mom2_weight, extra=extra)

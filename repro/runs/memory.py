@@ -17,8 +17,8 @@ def estimate(lm, editor, n_edits: int) -> dict[str, int]:
     """Bytes by part: ``weights`` (the model as loaded), ``statistics`` (fp64 second moments, and
     AlphaEdit's fp64 null-space projectors, one per edited matrix), ``optimiser`` (gradients and
     Adam's two fp32 moments of what is trained: the matrix for FT-L/FT-M, the adapters for LoRA,
-    the fp32 δ of each request for locate-and-edit), ``kept_keys`` (earlier edits' keys an editor
-    carries along, fp32) and ``hypernetwork`` (MEND)."""
+    the fp32 δ of each request for locate-and-edit), ``kept_keys`` (what an editor carries along of earlier
+    edits' keys: their fp64 Gram matrix, whatever the number of edits) and ``hypernetwork`` (MEND)."""
     from repro.editors.finetune import FTM
     from repro.editors.lora import LoRAEditor
     from repro.editors.memit import MEMIT, AlphaEdit
@@ -33,7 +33,7 @@ def estimate(lm, editor, n_edits: int) -> dict[str, int]:
         if isinstance(editor, AlphaEdit):
             parts["statistics"] *= 2
         if getattr(editor, "keeps_keys", False):
-            parts["kept_keys"] = sum(n_edits * d_in * 4 for _, d_in in shapes)
+            parts["kept_keys"] = sum(d_in * d_in * 8 for _, d_in in shapes)  # their fp64 Gram K_p K_pᵀ
         parts["optimiser"] = max(d_out for d_out, _ in shapes) * 4 * 3 * getattr(editor.hp, "batch_values_max", 1)
     elif isinstance(editor, FTM):
         parts["optimiser"] = sum(o * i for o, i in shapes) * (4 + 4 + 4)
