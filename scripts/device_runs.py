@@ -18,8 +18,8 @@ limit (``--part-mib``, ``--total-mib``); a state that does not fit is left out a
 so. With ``--stage STAGE`` (a folder on the device machine that outlives the call) nothing is left
 out: every part is written to STAGE, DIR gets the first parts that fit one return, and each later
 call of ``device_runs.py --send STAGE --out DIR`` puts the next ones in DIR, until all have gone
-(a state of ENCORE or AlphaEdit, which keep every earlier key, passes 64 MiB near 1,000 edits on
-SmolLM2-135M). Back on any machine: ``cat results.tar.* | tar -x``, then ``python -m repro.study --only ID``
+(a state of ENCORE or AlphaEdit, which hold the Gram matrices of earlier keys, is about 68 MB on
+SmolLM2-135M, more than one return). Back on any machine: ``cat results.tar.* | tar -x``, then ``python -m repro.study --only ID``
 executes the run's notebook, reusing a finished file or resuming from the state. The file records
 which stretch of the run was made on which device (``devices_by_segment``, ``segment_starts``).
 On a copy of the repository, set ``NORMGROWTH_GIT_SHA`` to the commit the copy was made from (the
