@@ -89,22 +89,16 @@ def threshold_from_spectrum(evals: torch.Tensor, energy: float) -> float:
 
 
 def alphaedit_update(R: torch.Tensor, K: torch.Tensor, P: torch.Tensor, alpha: float,
-                     K_prev: torch.Tensor | None = None, gram_prev: torch.Tensor | None = None) -> torch.Tensor:
+                     gram_prev: torch.Tensor | None = None) -> torch.Tensor:
     """AlphaEdit's null-space-constrained update (Fang et al., 2025):
     ΔW = R Kᵀ P (K_p K_pᵀ P + K Kᵀ P + α I)⁻¹.
 
     Its rows lie in the range of P, so ΔW k = 0 for every key k with P k = 0 (the preserved
     keys, up to the eigenvalue threshold that built P). Earlier edits' keys, kept so new edits do
-    not undo old ones, enter only through K_p K_pᵀ: give either the keys ``K_prev`` (d_in, m) or
-    their Gram matrix ``gram_prev`` (d_in, d_in).
+    not undo old ones, enter only through their Gram matrix ``gram_prev`` = K_p K_pᵀ (d_in, d_in).
     """
-    if K_prev is not None and gram_prev is not None:
-        raise ValueError("give earlier keys either as K_prev or as gram_prev, not both")
     K64, P64 = K.double(), P.double()
     S = K64 @ K64.T
-    if K_prev is not None and K_prev.numel():
-        Kp = K_prev.double()
-        S = S + Kp @ Kp.T
     if gram_prev is not None:
         S = S + gram_prev.double()
     A = S @ P64 + alpha * torch.eye(P64.shape[0], dtype=torch.float64, device=P64.device)

@@ -13,7 +13,7 @@ def _numel_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
-def estimate(lm, editor, n_edits: int) -> dict[str, int]:
+def estimate(lm, editor) -> dict[str, int]:
     """Bytes by part: ``weights`` (the model as loaded), ``statistics`` (fp64 second moments, and
     AlphaEdit's fp64 null-space projectors, one per edited matrix), ``optimiser`` (gradients and
     Adam's two fp32 moments of what is trained: the matrix for FT-L/FT-M, the adapters for LoRA,

@@ -165,7 +165,7 @@ def _run(params: SequentialParams, run: Run, progress: bool, deadline: float | N
     lm = load_model(params.model, device=params.device, dtype=DTYPES[params.dtype])
     editor = make_editor(params.editor, lm, **params.hparams)
     if progress:
-        print(memory.describe(memory.estimate(lm, editor, params.n_edits), lm), flush=True)
+        print(memory.describe(memory.estimate(lm, editor), lm), flush=True)
     editor.prepare()  # statistics and prefixes from the unedited model, also when resuming
     edited = editor.edited_matrices()
     weight = lambda l, m: lm.spec.weight(lm.model, l, m)  # noqa: E731
