@@ -65,6 +65,27 @@ def test_a_second_writer_fails_at_once_and_a_stale_lock_is_taken_over(tmp_path):
         store.RunLock(out).__enter__()
 
 
+def test_the_lock_holder_is_read_without_taking_the_lock(tmp_path):
+    import json
+    import os
+    import platform
+
+    out = tmp_path / "run.nc"
+    lock = store.RunLock(out)
+    assert lock.holder() == ("free", None)
+    with store.RunLock(out):
+        status, owner = lock.holder()
+        assert status == "alive" and owner["pid"] == os.getpid()
+    for text in ("not json", "[1, 2]"):
+        store.lock_path(out).write_text(text)
+        assert lock.holder() == ("unknown", None)
+        with pytest.raises(RuntimeError, match="unknown process"):
+            store.RunLock(out).__enter__()
+        assert store.lock_path(out).read_text() == text  # never taken over
+    store.lock_path(out).write_text(json.dumps({"host": platform.node(), "since": "x"}))  # no pid
+    assert lock.holder()[0] == "stale"
+
+
 def test_a_damaged_run_file_is_named(tmp_path):
     bad = tmp_path / "broken.nc"
     bad.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\0" * 64)

@@ -143,3 +143,56 @@ bad:
 """)
     with pytest.raises(ValueError, match="nope"):
         study.load_profile("bad", profiles)
+
+
+def test_list_shows_how_far_an_unfinished_run_has_got(tmp_path, monkeypatch, capsys):
+    import json
+    import platform
+    import subprocess
+    import sys
+
+    import torch
+
+    from repro.core import store
+
+    prof = tmp_path / "s.yaml"
+    prof.write_text("p:\n  - id: r1\n    notebook: notebooks/sequential_editing.ipynb\n"
+                    f"    parameters: {{output: {tmp_path}/r1.nc, n_edits: 3000}}\n")
+    monkeypatch.setattr(study, "PROFILES", prof)
+    monkeypatch.setattr(study, "EXECUTED", tmp_path)
+    (run,) = study.load_profile("p")
+
+    def listed():
+        assert study.main(["--profile", "p", "--list"]) == 0
+        return capsys.readouterr().out
+
+    assert run.status() == ("missing", "") and " missing " in listed()
+    state = store.state_path(run.output)
+    store.save_state(state, {"done": 1510, "rows": []})
+    assert run.status() == ("partial", "1,510 of 3,000 edits made")
+    out = listed()
+    assert "partial" in out and "(1,510 of 3,000 edits made)" in out
+    before = state.read_bytes()
+
+    # a live process on this host holds the run's lock: running, with its pid
+    with store.RunLock(run.output):
+        status, why = run.status()
+        assert status == "running" and why.startswith("1,510 of 3,000 edits made;") and "pid" in why
+    # a lock left by a process that is gone does not count: partial again
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    store.lock_path(run.output).write_text(json.dumps({"pid": proc.pid, "host": platform.node(), "since": "x"}))
+    assert run.status()[0] == "partial"
+    assert store.lock_path(run.output).exists()  # looked at, not taken over
+    # another host's lock cannot be checked from here: locked
+    store.lock_path(run.output).write_text(json.dumps({"pid": 1, "host": "another-host", "since": "x"}))
+    assert run.status() == ("locked", "1,510 of 3,000 edits made; pid 1 on another-host")
+    store.lock_path(run.output).unlink()
+
+    # an unreadable state is reported and left where it is (load_state would move it aside)
+    state.write_bytes(b"not a torch file")
+    status, why = run.status()
+    assert status == "partial" and why.startswith("unreadable resume state r1.nc.state.pt")
+    assert state.read_bytes() == b"not a torch file" and not state.with_name(state.name + ".damaged").exists()
+    state.write_bytes(before)
+    assert torch.load(state, weights_only=False)["done"] == 1510

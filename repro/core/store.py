@@ -106,6 +106,18 @@ def load_state(path: str | Path) -> dict | None:
         return None
 
 
+def peek_state(path: str | Path) -> dict | None:
+    """The resume state at ``path`` for reading only (None when there is none). Unlike
+    :func:`load_state`, an unreadable file is left where it is and the error raised, so that a
+    look at a run (``python -m repro.study --list``) never changes it."""
+    import torch
+
+    path = Path(path)
+    if not path.exists():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+
+
 def write_netcdf(ds: xr.Dataset, path: str | Path) -> Path:
     """Write ``ds`` to ``path`` via a temporary file and a rename: readers never see half a file."""
     path = Path(path)
@@ -200,9 +212,11 @@ class RunLock:
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._owner()
-                if owner is not None and owner.get("host") == platform.node() and not _alive(int(owner.get("pid", -1))):
-                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                status, owner = self.holder()
+                if status == "stale":
+                    self.path.unlink(missing_ok=True)  # its process is gone
+                    continue
+                if status == "free":  # released between our try and our look: try again
                     continue
                 who = (f"pid {owner.get('pid')} on {owner.get('host')} since {owner.get('since')}"
                        if owner else "an unknown process (unreadable lock)")
@@ -215,11 +229,28 @@ class RunLock:
             return self
         raise RuntimeError(f"could not take the lock {self.path}")
 
-    def _owner(self) -> dict | None:
+    def holder(self) -> tuple[str, dict | None]:
+        """Who holds the lock, without taking it: ``("free", None)`` when there is no lock file;
+        ``("alive", owner)`` when its process runs on this host, or runs on another host (which
+        cannot be checked from here, so it counts as alive); ``("stale", owner)`` when its process
+        on this host is gone; ``("unknown", None)`` when the lock file cannot be read."""
+        if not self.path.exists():
+            return "free", None
         try:
-            return json.loads(self.path.read_text())
+            owner = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return "free", None
         except (OSError, ValueError):
-            return None
+            return "unknown", None
+        if not isinstance(owner, dict):
+            return "unknown", None
+        if owner.get("host") != platform.node():
+            return "alive", owner
+        try:
+            pid = int(owner.get("pid", -1))
+        except (TypeError, ValueError):
+            return "unknown", owner
+        return ("alive" if pid > 0 and _alive(pid) else "stale"), owner
 
     def __exit__(self, *exc) -> None:
         if self.held:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import sys
 import time
 from dataclasses import dataclass
@@ -81,6 +82,36 @@ class Run:
         return sorted(k for k, v in self.parameters.items()
                       if k not in ("overwrite", "output")
                       and (k in made or k in IMPLICIT) and norm(v) != norm(made.get(k, IMPLICIT.get(k))))
+
+
+    def status(self) -> tuple[str, str]:
+        """Where the run stands, and why, for ``--list``: ``done``; ``stale`` (its file was made with
+        other parameters); ``running`` (a live process on this host holds its lock), ``locked`` (a
+        process on another host does); ``partial`` (only a resume state: an interrupted run that
+        resumes from it); ``missing``. Unfinished runs with a resume state say how many edits it
+        holds. Looks only: nothing is moved, locked or rewritten."""
+        from repro.core.store import RunLock, peek_state, state_path
+
+        if self.done():
+            stale = self.stale()
+            return ("stale", f"made with other {', '.join(stale)}") if stale else ("done", "")
+        holder, owner = RunLock(self.output).holder()
+        if holder == "alive":
+            here = owner.get("host") == platform.node()
+            status, why = ("running" if here else "locked"), f"pid {owner.get('pid')} on {owner.get('host')}"
+        else:
+            status, why = "missing", ""
+        state = state_path(self.output)
+        if state.exists():
+            status = "partial" if status == "missing" else status
+            try:
+                done = peek_state(state).get("done")
+                of = self.parameters.get("n_edits")
+                made = f"{done:,} of {of:,} edits made" if isinstance(of, int) else f"{done:,} edits made"
+            except Exception as err:  # noqa: BLE001 - any unreadable state is reported, not raised
+                made = f"unreadable resume state {state.name}: {type(err).__name__}"
+            why = f"{made}; {why}" if why else made
+        return status, why
 
 
 def _show(path: Path) -> str:
@@ -330,12 +361,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     jobs = []
     for run in runs:
+        if args.list:
+            status, why = run.status()
+            print(f"{run.id:<40} {status:<8} {_show(run.output)}" + (f"  ({why})" if why else ""))
+            continue
         stale = run.stale() if run.done() else []
         status = ("stale" if stale else "done") if run.done() else "missing"
-        if args.list:
-            why = f"  (made with other {', '.join(stale)})" if stale else ""
-            print(f"{run.id:<40} {status:<8} {_show(run.output)}{why}")
-            continue
         if status == "done" and not args.force:
             print(f"[skip] {run.id}: {_show(run.output)} exists")
             continue
