@@ -106,6 +106,34 @@ def test_remedy_compares_encore_with_memit_at_the_same_length_and_batch():
     assert claims.claim_remedy({"m": memit, "e": edit_run("encore", 1.05, batch=1)}).verdict == NOT_TESTED
 
 
+def test_remedy_compares_a_pair_where_memit_stopped_early_over_the_edits_both_made():
+    def planned(run, n):
+        ds, path = run
+        return ds.assign_attrs(params=json.dumps({**json.loads(ds.attrs["params"]), "n_edits": n})), path
+
+    # MEMIT collapsed after 40 of 100 planned edits; ENCORE made all 100 and grew more in its last 60
+    memit = planned(edit_run("memit", 1.2, n=40, batch=5), 100)
+    memit[0].attrs["stop_reason"] = "collapsed"
+    encore = edit_run("encore", 1.5, n=100, batch=5)  # ×1.5 at 100 edits, ×1.5^0.4 ≈ 1.176 at 40
+    v = claims.claim_remedy({"m": memit, "e": encore})
+    row = v.evidence.iloc[0]
+    assert row["edits"] == 40 and row["MEMIT stopped"] == "collapsed"
+    assert row["ENCORE growth"] == pytest.approx(1.5 ** 0.4) and row["MEMIT growth"] == pytest.approx(1.2)
+    assert v.verdict == NOT_REPRODUCED  # 0.176 > half of 0.2
+    assert "40 edits in batches of 5 (where MEMIT stopped, collapsed)" in v.summary
+    slow = edit_run("encore", 1.05 ** 2.5, n=100, batch=5)  # ×1.05 at 40 edits: within half of MEMIT's 0.2
+    assert claims.claim_remedy({"m": memit, "e": slow}).verdict == HOLDS
+    # efficacy counts the edits both made only: ENCORE's edits after the 40th do not enter
+    late = slow[0].copy()
+    late["efficacy"] = late["efficacy"].where(late["edit"] <= 40, 0.0)
+    assert claims.claim_remedy({"m": memit, "e": (late, None)}).verdict == HOLDS
+    early = slow[0].copy()
+    early["efficacy"] = early["efficacy"].where(early["edit"] > 40, 0.5)
+    assert claims.claim_remedy({"m": memit, "e": (early, None)}).verdict == NOT_REPRODUCED
+    # another planned length is no pair
+    assert claims.claim_remedy({"m": planned(memit, 200), "e": slow}).verdict == NOT_TESTED
+
+
 def test_the_committed_runs_give_a_verdict_for_every_claim():
     items = claims.verdicts()
     assert [v.claim for v in items] == ["1", "2", "3", "4", "remedy"]

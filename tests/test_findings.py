@@ -319,3 +319,32 @@ def test_long_run_findings_without_runs_or_checkpoints():
     early = ds.isel(ckpt=slice(0, 1))
     text = F.long_run_findings({"a": (early, None)})
     assert "no checkpoint after editing began yet" in text and "Over the" not in text
+
+
+def test_remedy_at_length_pairs_runs_and_compares_them_over_the_edits_both_made():
+    from repro.reporting.tables import remedy_pairs
+
+    def long_pair_run(editor, n, status, collapse=-1, **kw):
+        ds, _ = long_run(editor=editor, n=n, status=status, collapse=collapse, **kw)
+        return ds.assign_attrs(params=json.dumps({"n_edits": 10, "batch_size": 1})), None
+
+    # MEMIT collapsed after 5 of 10 planned edits, ENCORE still going at 10: compared at 5
+    memit = long_pair_run("memit", 5, "collapsed", collapse=4, growth=1.2 ** 0.5, efficacy=0.9,
+                          ppl=(10.0, 30.0, 30.0))
+    encore = long_pair_run("encore", 10, "in progress", growth=1.21, efficacy=0.5, ppl=(10.0, 10.5, 11.0))
+    memit[0]["ckpt"] = CKPT  # checkpoints 0 and 5 made; the 10 one is cut off below
+    memit = (memit[0].isel(ckpt=slice(0, 2)), None)
+    other = long_pair_run("encore", 10, "in progress")
+    other[0].attrs["params"] = json.dumps({"n_edits": 10, "batch_size": 2})  # another batch size: no partner
+    pairs = remedy_pairs({"m": memit, "e": encore, "o": other, "r": long_run(editor="rome")})
+    assert [label for label, _ in pairs] == ["SmolLM2-135M: 10 edits in batches of 1"]
+    assert pairs[0][1]["encore"] is encore and pairs[0][1]["memit"] is memit
+
+    text = F.remedy_at_length_findings(encore[0], memit[0])
+    assert text.startswith("MEMIT is collapsed after 5 edits, the collapse rule first held at edit 4; "
+                           "ENCORE is still going at 10 of 10 edits, the collapse rule never held.")
+    assert "Over the 5 edits both have made, ENCORE's edited matrices grew ×1.100 against MEMIT's ×1.095" in text
+    assert "efficacy right after each batch averages 0.50 against 0.90" in text
+    # the probe rises from 12 to 24 over each run's own edits: ENCORE's 5th of 10, MEMIT's last of 5
+    assert f"×{np.linspace(12, 24, 10)[4] / 12:.2f} of the unedited model's perplexity against ×2.00" in text
+    assert "after 5 edits (ENCORE against MEMIT): perplexity 10.5 against 30.0 (unedited 10.0)" in text

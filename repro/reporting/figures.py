@@ -328,6 +328,43 @@ def plot_probe(runs: dict, ax=None, factor: float | None = None):
     return ax
 
 
+CHECKPOINT_TICKS = (0, 50, 100, 250, 500, 1000, 2000, 3000, 5000, 10000)
+
+
+def symlog_edits(ax, linthresh: float = 50) -> None:
+    """An edit-count axis for checkpoint measurements of long runs: symlog (linear up to
+    ``linthresh``, so that the unedited model at 0 is drawn), labelled at 0 and each power of ten,
+    with unlabelled ticks at the other usual checkpoint counts."""
+    right = ax.get_xlim()[1]
+    ax.set_xscale("symlog", linthresh=linthresh)
+    ax.set_xlim(-linthresh / 5, right)
+    shown = [t for t in CHECKPOINT_TICKS if t <= right * 1.02]
+    major = [t for t in shown if t == 0 or np.log10(t).is_integer()]
+    ax.set_xticks(major, [f"{t:,}" for t in major])
+    ax.set_xticks([t for t in shown if t not in major], minor=True)
+    ax.set_xlabel("number of edits (symlog)")
+
+
+def plot_rolling_efficacy(runs: dict, ax=None, window: int = 100):
+    """Efficacy right after each editor call, as a rolling mean over ``window`` edits (drawn from
+    the ``window // 10``-th edit on), against the number of edits (log axis), one colour per editor
+    (dashed: batches of 100)."""
+    ax = ax or plt.subplots(figsize=(7.2, 3.4))[1]
+    colors = editor_colors(runs)
+    for ds, _ in runs.values():
+        eff = ds["efficacy"].astype(float).rolling(edit=window, min_periods=max(1, window // 10)).mean()
+        label = _label(ds, min_batch=2)
+        if ds.attrs.get("stop_reason") == "in progress":
+            label += f", in progress: {int(ds.sizes['edit']):,} edits"
+        ax.plot(ds["edit"].values, eff.values, color=colors[str(ds.attrs.get("editor"))], lw=1.4, ls=_style(ds),
+                label=label)
+    ax.set_xscale("log")
+    ax.set(xlabel="number of edits (log scale)", ylabel=f"efficacy right after the edit\n({window}-edit rolling mean)",
+           ylim=(-0.02, 1.02))
+    ax.legend(frameon=False, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return ax
+
+
 # -- F6b / F7b: per layer, every editor at once -----------------------------------------------
 def plot_layer_heatmap(runs: dict, value, label: str, ax=None, log: bool = True, center: float = 1.0,
                        cap: float | None = None):

@@ -405,6 +405,46 @@ def remedy_findings(memit: xr.Dataset, encore: xr.Dataset) -> str:
     return "\n\n".join(out)
 
 
+def remedy_at_length_findings(encore: xr.Dataset, memit: xr.Dataset) -> str:
+    """F8 at length, ENCORE against MEMIT on the same long sequence: growth, efficacy and collapse
+    probe over the edits both made (:func:`repro.reporting.tables.remedy_pair`), how each run
+    stands, and the downstream measurements at the last checkpoint both reached."""
+    from repro.reporting.tables import remedy_pair
+
+    pair = remedy_pair(encore, memit)
+    at, e, m = pair["edits"], pair["ENCORE"], pair["MEMIT"]
+
+    def stands(name, r):
+        how = (f"still going at {r['done']:,} of {pair['planned']:,} edits" if r["status"] == "in progress"
+               else f"{r['status']} after {r['done']:,} edits")
+        held = (f", the collapse rule first held at edit {r['collapse']:,}" if r["collapse"] > 0
+                else ", the collapse rule never held")
+        return f"{name} is {how}{held}"
+
+    out = [f"{stands('MEMIT', m)}; {stands('ENCORE', e)}. Over the {at:,} edits both have made, ENCORE's edited "
+           f"matrices grew ×{e['growth']:.3f} against MEMIT's ×{m['growth']:.3f}; efficacy right after each batch "
+           f"averages {e['efficacy']:.2f} against {m['efficacy']:.2f}; the collapse probe stands at ×{e['probe']:.2f} "
+           f"of the unedited model's perplexity against ×{m['probe']:.2f}."]
+    if "ckpt" in encore.dims and "ckpt" in memit.dims:
+        both = sorted(set(int(c) for c in encore["ckpt"].values) & set(int(c) for c in memit["ckpt"].values))
+        if both and both[-1] > 0:
+            c = both[-1]
+
+            def at_ckpt(ds, var):
+                return float(ds[var].sel(ckpt=c)), float(ds[var].isel(ckpt=0))
+
+            parts = []
+            for var, label, fmt in (("perplexity", "perplexity", "{:.1f}"), ("task_mean_acc", "mean task accuracy", "{:.3f}"),
+                                    ("recall", "recall of never-edited facts", "{:.2f}"),
+                                    ("es", "efficacy over the facts edited so far", "{:.2f}")):
+                (ve, ref), (vm, _) = at_ckpt(encore, var), at_ckpt(memit, var)
+                unedited = "" if var == "es" else f" (unedited {fmt.format(ref)})"
+                parts.append(f"{label} {fmt.format(ve)} against {fmt.format(vm)}{unedited}")
+            out.append(f"At the last checkpoint both reached, after {c:,} edits (ENCORE against MEMIT): "
+                       + "; ".join(parts) + ".")
+    return "\n\n".join(out)
+
+
 # -- single edits -------------------------------------------------------------------------------
 # the editors the study expects to reach ES >= EXPECTED_ES on single edits (their papers' level)
 EXPECTED_ES = 0.9

@@ -1,6 +1,8 @@
 """Plain-text summaries of run files (what notebooks print and the book quotes)."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import xarray as xr
 
@@ -290,6 +292,48 @@ def growth_at(ds: xr.Dataset, edits: int) -> float:
     mean = edited_norms(ds).mean("edited")
     steps = list(ds["step"].values)
     return float(mean.sel(step=edits) / mean.isel(step=0)) if edits in steps else float("nan")
+
+
+def common_edits(a: xr.Dataset, b: xr.Dataset) -> int:
+    """The largest edit count at which both runs measured their norms: where two runs of the same
+    plan are compared when one stopped earlier (a run that collapsed, or one still going)."""
+    both = set(int(s) for s in a["step"].values) & set(int(s) for s in b["step"].values)
+    return max(both) if both else 0
+
+
+def remedy_pair(encore: xr.Dataset, memit: xr.Dataset) -> dict:
+    """ENCORE against MEMIT over the edits both made (:func:`common_edits`): growth of the edited
+    matrices there, mean efficacy right after each edit up to there, the collapse-probe ratio
+    there, and how each run stands (a run that stopped earlier, or is still going, is compared
+    where the shorter one ends)."""
+    at = common_edits(encore, memit)
+    out = {"edits": at, "planned": int(json.loads(encore.attrs.get("params", "{}")).get("n_edits", at))}
+    for name, ds in (("ENCORE", encore), ("MEMIT", memit)):
+        probe = float("nan")
+        if "probe_ppl" in ds and "unedited" in ds["probe_ppl"].attrs and at > 0:
+            probe = float(ds["probe_ppl"].sel(edit=at)) / float(ds["probe_ppl"].attrs["unedited"])
+        out[name] = {"growth": growth_at(ds, at),
+                     "efficacy": float(ds["efficacy"].sel(edit=slice(None, at)).mean()),
+                     "probe": probe, "done": int(ds.sizes["edit"]), "status": run_status(ds),
+                     "collapse": collapse_edit(ds)}
+    return out
+
+
+def remedy_pairs(runs: dict) -> list[tuple[str, dict]]:
+    """The ENCORE and MEMIT runs of ``runs`` ({id: (Dataset, path)}) that edit the same model with the
+    same planned length and batch size, as [(label, {"encore": item, "memit": item})], shortest plan
+    first; a run without its partner is left out."""
+    groups: dict[tuple, dict] = {}
+    for item in runs.values():
+        ds = item[0]
+        editor = str(ds.attrs.get("editor"))
+        if editor not in ("encore", "memit"):
+            continue
+        p = json.loads(ds.attrs.get("params", "{}"))
+        key = (int(p.get("n_edits", ds.sizes["edit"])), int(p.get("batch_size", 1)), str(ds.attrs.get("model")))
+        groups.setdefault(key, {})[editor] = item
+    return [(f"{model_name(model)}: {n:,} edits in batches of {batch}", pair)
+            for (n, batch, model), pair in sorted(groups.items()) if len(pair) == 2]
 
 
 def collapse_edit(ds: xr.Dataset) -> int:
