@@ -341,10 +341,12 @@ def test_remedy_at_length_pairs_runs_and_compares_them_over_the_edits_both_made(
     assert pairs[0][1]["encore"] is encore and pairs[0][1]["memit"] is memit
 
     text = F.remedy_at_length_findings(encore[0], memit[0])
-    assert text.startswith("MEMIT is collapsed after 5 edits, the collapse rule first held at edit 4; "
+    assert text.startswith("MEMIT stopped after 5 edits (collapsed), the collapse rule first held at edit 4; "
                            "ENCORE is still going at 10 of 10 edits, the collapse rule never held.")
     assert "Over the 5 edits both have made, ENCORE's edited matrices grew ×1.100 against MEMIT's ×1.095" in text
     assert "efficacy right after each batch averages 0.50 against 0.90" in text
     # the probe rises from 12 to 24 over each run's own edits: ENCORE's 5th of 10, MEMIT's last of 5
     assert f"×{np.linspace(12, 24, 10)[4] / 12:.2f} of the unedited model's perplexity against ×2.00" in text
+    done = F.remedy_at_length_findings(encore[0].assign_attrs(stop_reason="completed"), memit[0])
+    assert "; ENCORE made all 10 edits, the collapse rule never held." in done
     assert "after 5 edits (ENCORE against MEMIT): perplexity 10.5 against 30.0 (unedited 10.0)" in text

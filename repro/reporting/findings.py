@@ -415,11 +415,12 @@ def remedy_at_length_findings(encore: xr.Dataset, memit: xr.Dataset) -> str:
     at, e, m = pair["edits"], pair["ENCORE"], pair["MEMIT"]
 
     def stands(name, r):
-        how = (f"still going at {r['done']:,} of {pair['planned']:,} edits" if r["status"] == "in progress"
-               else f"{r['status']} after {r['done']:,} edits")
+        how = {"in progress": f"is still going at {r['done']:,} of {pair['planned']:,} edits",
+               "completed": f"made all {r['done']:,} edits"}.get(
+                   r["status"], f"stopped after {r['done']:,} edits ({r['status']})")
         held = (f", the collapse rule first held at edit {r['collapse']:,}" if r["collapse"] > 0
                 else ", the collapse rule never held")
-        return f"{name} is {how}{held}"
+        return f"{name} {how}{held}"
 
     out = [f"{stands('MEMIT', m)}; {stands('ENCORE', e)}. Over the {at:,} edits both have made, ENCORE's edited "
            f"matrices grew ×{e['growth']:.3f} against MEMIT's ×{m['growth']:.3f}; efficacy right after each batch "
