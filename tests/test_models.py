@@ -221,3 +221,25 @@ def test_a_half_written_cache_in_the_way_is_an_error(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         models._dequantize_to_cache("m", target)
     assert list(target.parent.iterdir()) == [target]
+
+
+def test_the_kv_cache_goes_under_the_name_the_model_takes():
+    from types import SimpleNamespace
+
+    import torch
+
+    from repro.core.models import cache_kwargs, returned_cache
+
+    class Old(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=False):
+            return input_ids
+
+    class New(torch.nn.Module):
+        def forward(self, input_ids, cache=None, use_cache=False):
+            return input_ids
+
+    marker = object()
+    assert cache_kwargs(Old(), marker) == {"past_key_values": marker}
+    assert cache_kwargs(New(), marker) == {"cache": marker}
+    assert returned_cache(SimpleNamespace(past_key_values=marker)) is marker
+    assert returned_cache(SimpleNamespace(cache=marker, past_key_values=None)) is marker

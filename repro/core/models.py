@@ -53,6 +53,22 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
+def cache_kwargs(module: torch.nn.Module, cache) -> dict:
+    """The keyword under which ``module.forward`` takes a key/value cache: ``cache`` in newer
+    transformers (``past_key_values`` there is deprecated, to be removed in 5.40), else
+    ``past_key_values``."""
+    import inspect
+
+    params = inspect.signature(module.forward).parameters
+    return {"cache": cache} if "cache" in params else {"past_key_values": cache}
+
+
+def returned_cache(out):
+    """The key/value cache a forward pass with ``use_cache=True`` returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 # --------------------------------------------------------------------------------------------
 # Architecture specs
 # --------------------------------------------------------------------------------------------

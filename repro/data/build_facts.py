@@ -263,6 +263,8 @@ def _score_batch(lm, prompt, targets: list[list[list[int]]]) -> list[list[float]
     """NLLs for a (B, P) prompt batch and, per row, n candidate token lists."""
     import torch
 
+    from repro.core.models import cache_kwargs, returned_cache
+
     base, n = lm.spec.base_model(lm.model), len(targets[0])
     enc = base(input_ids=prompt, use_cache=True)
     first = torch.log_softmax(lm.spec.logits(lm.model, enc.last_hidden_state[:, -1]).float(), -1)
@@ -272,11 +274,11 @@ def _score_batch(lm, prompt, targets: list[list[list[int]]]) -> list[list[float]
     sums = -first[rows, heads].cpu()
     longest = max(len(t) for t in flat)
     if longest > 1:
-        cache = enc.past_key_values
+        cache = returned_cache(enc)
         cache.batch_repeat_interleave(n)
         pad = lm.tokenizer.pad_token_id
         cont = torch.tensor([t[:-1] + [pad] * (longest - len(t)) for t in flat], device=prompt.device)
-        hidden = base(input_ids=cont, past_key_values=cache, use_cache=True).last_hidden_state
+        hidden = base(input_ids=cont, use_cache=True, **cache_kwargs(base, cache)).last_hidden_state
         logp = torch.log_softmax(lm.spec.logits(lm.model, hidden).float(), -1).cpu()
         for k, t in enumerate(flat):
             sums[k] -= sum(logp[k, j, t[j + 1]].item() for j in range(len(t) - 1))

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from repro.data.tasks import FewShotTask
-from repro.core.models import LoadedModel
+from repro.core.models import LoadedModel, cache_kwargs, returned_cache
 from repro.measure.rewrite import compare_targets
 
 log = logging.getLogger(__name__)
@@ -84,10 +84,9 @@ def _forward_hidden(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor, past
     pos = torch.arange(past_len, past_len + t, device=lm.device).unsqueeze(0).expand(n, -1)
     if past_len:
         mask = torch.cat([torch.ones(n, past_len, dtype=mask.dtype, device=lm.device), mask], dim=1)
-    out = lm.spec.base_model(lm.model)(
-        input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=past, use_cache=True
-    )
-    return out.last_hidden_state, out.past_key_values
+    base = lm.spec.base_model(lm.model)
+    out = base(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache_kwargs(base, past))
+    return out.last_hidden_state, returned_cache(out)
 
 
 @torch.no_grad()
