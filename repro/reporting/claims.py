@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
-from repro.reporting.tables import crossing_edit, display_name, edited_norms, growth_at, remedy_pair
+from repro.reporting.tables import (crossing_edit, display_name, edited_norms, growth_at, remedy_pair,
+                                    remedy_pairs)
 
 HOLDS, PART, NOT_REPRODUCED, NOT_TESTED = "holds", "holds in part", "not reproduced", "not tested here"
 
@@ -235,21 +236,16 @@ def claim_activations(runs: dict) -> Verdict:
 
 # -- the remedy ---------------------------------------------------------------------------------
 def claim_remedy(runs: dict) -> Verdict:
-    """ENCORE against MEMIT, runs of the same planned length and batch size, compared over the edits
-    both made (where MEMIT collapsed and stopped early, up to there)."""
-    def key(ds):
-        p = json.loads(ds.attrs.get("params", "{}"))
-        return int(p.get("n_edits", ds.sizes["edit"])), int(p.get("batch_size", 1))
-
-    memit = {key(ds): ds for ds, _ in runs.values() if ds.attrs.get("editor") == "memit"}
+    """ENCORE against MEMIT, runs of the same model, planned length and batch size
+    (:func:`~repro.reporting.tables.remedy_pairs`), compared over the edits both made (where MEMIT
+    collapsed and stopped early, up to there)."""
     rows = []
-    for rid, (ds, _) in runs.items():
-        if ds.attrs.get("editor") != "encore" or key(ds) not in memit:
-            continue
-        pair = remedy_pair(ds, memit[key(ds)])
-        e, m = pair["ENCORE"], pair["MEMIT"]
-        rows.append({"run": run_label(ds), "edits": pair["edits"], "batch": key(ds)[1],
-                     "MEMIT stopped": m["status"] if m["done"] < key(ds)[0] else "",
+    for _, pair in remedy_pairs(runs):
+        (ds, _), (mds, _) = pair["encore"], pair["memit"]
+        r = remedy_pair(ds, mds)
+        e, m = r["ENCORE"], r["MEMIT"]
+        rows.append({"run": run_label(ds), "edits": r["edits"], "batch": int(json.loads(ds.attrs.get("params", "{}")).get("batch_size", 1)),
+                     "MEMIT stopped": m["status"] if m["done"] < r["planned"] else "",
                      "ENCORE growth": e["growth"], "MEMIT growth": m["growth"],
                      "ENCORE ES": e["efficacy"], "MEMIT ES": m["efficacy"],
                      "holds": ((e["growth"] - 1) <= REMEDY_SHARE * (m["growth"] - 1)

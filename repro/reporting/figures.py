@@ -268,6 +268,14 @@ def long_runs(runs: dict, min_edits: int = 1000) -> dict:
     return {rid: v for rid, v in runs.items() if int(run_params(v[0]).get("n_edits", 0)) >= min_edits}
 
 
+def _long_label(ds: xr.Dataset) -> str:
+    """A long run's name in legends: every batch size above 1, and how far a run still going has got."""
+    label = _label(ds, min_batch=2)
+    if ds.attrs.get("stop_reason") == "in progress":
+        label += f", in progress: {int(ds.sizes['edit']):,} edits"
+    return label
+
+
 def plot_long_norm_growth(runs: dict, ax=None):
     """Mean ‖W‖_F of each run's edited matrices vs number of edits (log axis), one colour per editor
     (dashed: batches of 100); the largest unedited matrix of the same type as a grey line; a dot
@@ -285,10 +293,7 @@ def plot_long_norm_growth(runs: dict, ax=None):
         keep = steps > 0
         y = en.mean("edited").values
         color = colors[str(ds.attrs.get("editor"))]
-        label = _label(ds, min_batch=2)
-        if ds.attrs.get("stop_reason") == "in progress":
-            label += f", in progress: {int(ds.sizes['edit']):,} edits"
-        ax.plot(steps[keep], y[keep], color=color, lw=1.8, ls=_style(ds), label=label)
+        ax.plot(steps[keep], y[keep], color=color, lw=1.8, ls=_style(ds), label=_long_label(ds))
         cross = crossing_edit(ds)
         if cross > 0:
             ax.plot([cross], [y[list(steps).index(cross)]], "o", color=color, ms=6, mec="k", mew=0.6)
@@ -353,11 +358,8 @@ def plot_rolling_efficacy(runs: dict, ax=None, window: int = 100):
     colors = editor_colors(runs)
     for ds, _ in runs.values():
         eff = ds["efficacy"].astype(float).rolling(edit=window, min_periods=max(1, window // 10)).mean()
-        label = _label(ds, min_batch=2)
-        if ds.attrs.get("stop_reason") == "in progress":
-            label += f", in progress: {int(ds.sizes['edit']):,} edits"
         ax.plot(ds["edit"].values, eff.values, color=colors[str(ds.attrs.get("editor"))], lw=1.4, ls=_style(ds),
-                label=label)
+                label=_long_label(ds))
     ax.set_xscale("log")
     ax.set(xlabel="number of edits (log scale)", ylabel=f"efficacy right after the edit\n({window}-edit rolling mean)",
            ylim=(-0.02, 1.02))
