@@ -350,3 +350,16 @@ def test_remedy_at_length_pairs_runs_and_compares_them_over_the_edits_both_made(
     done = F.remedy_at_length_findings(encore[0].assign_attrs(stop_reason="completed"), memit[0])
     assert "; ENCORE made all 10 edits, the collapse rule never held." in done
     assert "after 5 edits (ENCORE against MEMIT): perplexity 10.5 against 30.0 (unedited 10.0)" in text
+    # both fixtures score 1.0 over the facts edited so far at checkpoint 5: only the efficacy right after differs
+    assert ("right after each batch ENCORE is 0.40 below MEMIT (the remedy's rule judges this one); over the facts "
+            "edited so far, at 5 edits, it is level with MEMIT.") in text
+    assert "less firmly" not in text
+
+
+def test_efficacy_tradeoff_names_which_side_each_efficacy_favours():
+    text = F.efficacy_tradeoff(-0.08, 0.2, 1000)
+    assert "ENCORE is 0.08 below MEMIT" in text and "at 1,000 edits, it is 0.20 above MEMIT" in text
+    assert "less firmly but keeps more of the earlier edits" in text
+    assert "more firmly but keeps fewer" in F.efficacy_tradeoff(0.1, -0.1, 10)
+    both = F.efficacy_tradeoff(0.1, 0.1, 10)
+    assert "0.10 above MEMIT (the remedy" in both and "firmly" not in both
