@@ -244,7 +244,7 @@ def claim_remedy(runs: dict) -> Verdict:
         (ds, _), (mds, _) = pair["encore"], pair["memit"]
         r = remedy_pair(ds, mds)
         e, m = r["ENCORE"], r["MEMIT"]
-        rows.append({"run": run_label(ds), "edits": r["edits"], "batch": int(json.loads(ds.attrs.get("params", "{}")).get("batch_size", 1)),
+        rows.append({"run": run_label(ds), "edits": r["edits"], "batch": r["batch"],
                      "MEMIT stopped": m["status"] if m["done"] < r["planned"] else "",
                      "ENCORE growth": e["growth"], "MEMIT growth": m["growth"],
                      "ENCORE ES": e["efficacy"], "MEMIT ES": m["efficacy"],

@@ -443,8 +443,7 @@ def remedy_at_length_findings(encore: xr.Dataset, memit: xr.Dataset) -> str:
                 parts.append(f"{label} {fmt.format(ve)} against {fmt.format(vm)}{unedited}")
             out.append(f"At the last checkpoint both reached, after {c:,} edits (ENCORE against MEMIT): "
                        + "; ".join(parts) + ".")
-            out.append(efficacy_tradeoff(e["efficacy"] - m["efficacy"],
-                                         float(encore["es"].sel(ckpt=c)) - float(memit["es"].sel(ckpt=c)), c))
+            out.append(efficacy_tradeoff(e["efficacy"] - m["efficacy"], at_ckpt(encore, "es")[0] - at_ckpt(memit, "es")[0], c))
     return "\n\n".join(out)
 
 
@@ -453,15 +452,18 @@ def efficacy_tradeoff(now_gap: float, kept_gap: float, at: int) -> str:
     after each batch minus MEMIT's, ``kept_gap`` its efficacy over the facts edited so far at
     checkpoint ``at`` minus MEMIT's. The remedy's rule judges the first; the second says which run
     keeps its earlier edits."""
+    def sign(gap):  # 0 where the gap rounds to 0.00
+        return 0 if abs(gap) < 0.005 else (1 if gap > 0 else -1)
+
     def side(gap):
-        return "level with" if abs(gap) < 0.005 else f"{abs(gap):.2f} {'above' if gap > 0 else 'below'}"
+        return "level with" if sign(gap) == 0 else f"{abs(gap):.2f} {'above' if gap > 0 else 'below'}"
 
     text = (f"The two efficacies: right after each batch ENCORE is {side(now_gap)} MEMIT (the remedy's rule judges "
             f"this one); over the facts edited so far, at {at:,} edits, it is {side(kept_gap)} MEMIT.")
-    if now_gap <= -0.005 and kept_gap >= 0.005:
+    if (sign(now_gap), sign(kept_gap)) == (-1, 1):
         text += (" ENCORE writes each batch less firmly but keeps more of the earlier edits: the companion paper's "
                  "efficacy after 10,000 edits is of the second kind.")
-    elif now_gap >= 0.005 and kept_gap <= -0.005:
+    elif (sign(now_gap), sign(kept_gap)) == (1, -1):
         text += " ENCORE writes each batch more firmly but keeps fewer of the earlier edits."
     return text
 

@@ -302,12 +302,13 @@ def common_edits(a: xr.Dataset, b: xr.Dataset) -> int:
 
 
 def remedy_pair(encore: xr.Dataset, memit: xr.Dataset) -> dict:
-    """ENCORE against MEMIT over the edits both made (:func:`common_edits`): growth of the edited
-    matrices there, mean efficacy right after each edit up to there, the collapse-probe ratio
+    """ENCORE against MEMIT over the edits both made (:func:`common_edits`), with the pair's planned
+    length and batch size: growth of the edited matrices there, mean efficacy right after each edit up to there, the collapse-probe ratio
     there, and how each run stands (a run that stopped earlier, or is still going, is compared
     where the shorter one ends)."""
     at = common_edits(encore, memit)
-    out = {"edits": at, "planned": int(json.loads(encore.attrs.get("params", "{}")).get("n_edits", at))}
+    p = json.loads(encore.attrs.get("params", "{}"))
+    out = {"edits": at, "planned": int(p.get("n_edits", at)), "batch": int(p.get("batch_size", 1))}
     for name, ds in (("ENCORE", encore), ("MEMIT", memit)):
         probe = float("nan")
         if "probe_ppl" in ds and "unedited" in ds["probe_ppl"].attrs and at > 0:
