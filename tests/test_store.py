@@ -24,6 +24,15 @@ def test_roundtrip_with_provenance(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run.nc"]  # no temporary left behind
 
 
+def test_run_params_without_params_raises_unless_missing_ok():
+    bare = xr.Dataset(attrs={"editor": "rome"})
+    with pytest.raises(KeyError):
+        store.run_params(bare)
+    assert store.run_params(bare, missing_ok=True) == {}
+    made = xr.Dataset(attrs={"params": json.dumps({"n_edits": 3})})
+    assert store.run_params(made, missing_ok=True) == {"n_edits": 3}
+
+
 def test_failed_write_leaves_no_file(tmp_path):
     ds = xr.Dataset({"bad": ("x", np.array([object()], dtype=object))})
     with pytest.raises(Exception):

@@ -149,8 +149,12 @@ def read_netcdf(path: str | Path) -> xr.Dataset:
                       f"rerun the run that makes it, or restore it (git checkout -- {Path(path).name})") from err
 
 
-def run_params(ds: xr.Dataset) -> dict:
-    """The parameters a run file was made with."""
+def run_params(ds: xr.Dataset, missing_ok: bool = False) -> dict:
+    """The parameters a run file was made with. Every file a run writes carries them; a Dataset
+    built by hand (a test's, a partial view's) may not, and with ``missing_ok`` reads as ``{}``
+    instead of raising ``KeyError``."""
+    if missing_ok and "params" not in ds.attrs:
+        return {}
     return json.loads(ds.attrs["params"])
 
 

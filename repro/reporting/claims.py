@@ -17,12 +17,12 @@ matrices after the sequence over its value before it, ``mean ‖W_N‖ / mean �
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 
 import numpy as np
 import xarray as xr
 
+from repro.core.store import run_params
 from repro.reporting.tables import (crossing_edit, display_name, edited_norms, growth_at, remedy_pair,
                                     remedy_pairs)
 
@@ -86,7 +86,7 @@ def _frame(rows: list[dict]):
 
 def run_label(ds: xr.Dataset) -> str:
     """A short name of an editing run: editor, edits, batch size when above 1 (e.g. "MEMIT 100×10")."""
-    p = json.loads(ds.attrs.get("params", "{}"))
+    p = run_params(ds, missing_ok=True)
     batch = int(p.get("batch_size", 1))
     return f"{_editor(ds)} {int(ds.sizes['edit']):,}" + (f"×{batch}" if batch > 1 else "")
 

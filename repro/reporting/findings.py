@@ -15,6 +15,8 @@ import json
 import numpy as np
 import xarray as xr
 
+from repro.core.store import run_params
+
 from repro.reporting.claims import ACC_DROP, ES_DROP, NORM_FALL, OVERLAP, PPL_RISE, growth
 
 
@@ -565,7 +567,7 @@ def tuning_findings(tuning: dict) -> str:
     for (model, cases), members in groups.items():
         parts, misses = [], {}
         for stem, ds in members:
-            over = json.loads(ds.attrs.get("params", "{}")).get("hparams", {}) or {}
+            over = run_params(ds, missing_ok=True).get("hparams", {}) or {}
             setting = ", ".join(f"{k} {('on' if v else 'off') if isinstance(v, bool) else format(v, 'g') if isinstance(v, (int, float)) else v}"
                                 for k, v in over.items()) or "defaults"
             missed = [int(c) for c, es in zip(ds["case_id"].values, ds["es"].values) if es < 1]
@@ -607,7 +609,7 @@ def post_training_rows(runs: dict) -> list[dict]:
     table = relative_norm_frame(runs)
     rows = []
     for (rid, (ds, _)), (label, r) in zip(runs.items(), table.iterrows()):
-        p = json.loads(ds.attrs.get("params", "{}"))
+        p = run_params(ds, missing_ok=True)
         g = post_growth(ds)
         types = [short_matrix(m) for m in ds["matrix"].values]
         rows.append({
@@ -744,7 +746,7 @@ def long_run_rows(runs: dict) -> list[dict]:
 
     rows = []
     for ds, _ in runs.values():
-        p = json.loads(ds.attrs.get("params", "{}"))
+        p = run_params(ds, missing_ok=True)
         batch = int(p.get("batch_size", 1))
         r = {"editor": _name(ds) + (f" in batches of {batch}" if batch > 1 else ""),
              "model": model_name(str(ds.attrs.get("model"))), "done": int(ds.sizes["edit"]),

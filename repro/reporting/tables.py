@@ -6,6 +6,8 @@ import json
 import numpy as np
 import xarray as xr
 
+from repro.core.store import run_params
+
 
 def edited_norms(ds: xr.Dataset) -> xr.DataArray:
     """‖W‖_F over steps of each edited matrix, dims ("step", "edited"), labelled "layer:matrix"."""
@@ -77,14 +79,13 @@ def _flag(value) -> str:
 
 def provenance_lines(ds: xr.Dataset, path) -> str:
     """Which file and which parameters made a figure: printed under every figure of the book."""
-    import json
     from pathlib import Path
 
     from repro.core.paths import ROOT
 
     path = Path(path)
     shown = path.relative_to(ROOT) if path.is_relative_to(ROOT) else path
-    params = json.loads(ds.attrs.get("params", "{}"))
+    params = run_params(ds, missing_ok=True)
     lines = [
         f"file: {shown}",
         f"parameters: {json.dumps(params, sort_keys=True)}",
@@ -154,8 +155,6 @@ def norm_growth_table(runs: dict) -> str:
     the ratio, the largest per-layer ratio, the share of measurement steps after which an edited
     matrix's norm was higher than before, the largest unedited matrix of that type, efficacy right
     after and at the end."""
-    import json
-
     head = (f"{'editor':<10} {'edits':>5} {'batch':>5} {'edited':<22} {'norm before':>11} {'after':>8} "
             f"{'ratio':>6} {'max ratio':>9} {'rises':>5} {'max unedited':>12} {'ES now':>6} {'ES end':>6}")
     rows = [head]
@@ -164,7 +163,7 @@ def norm_growth_table(runs: dict) -> str:
         mtype = str(en["edited"].values[0]).split(":")[1]
         unedited = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0)
         layers = ",".join(str(x).split(":")[0] for x in en["edited"].values)
-        params = json.loads(ds.attrs.get("params", "{}"))
+        params = run_params(ds, missing_ok=True)
         before, after = float(en.isel(step=0).mean()), float(en.isel(step=-1).mean())
         vals = en.transpose("step", ...).values
         max_ratio = float((vals[-1] / vals[0]).max())
@@ -211,9 +210,7 @@ def short_matrix(mtype: str) -> str:
 
 def training_setting(ds: xr.Dataset) -> str:
     """A short label of a post-training run: intervention, learning rate, weight decay, steps."""
-    import json
-
-    p = json.loads(ds.attrs.get("params", "{}"))
+    p = run_params(ds, missing_ok=True)
     iv = p.get("intervention", ds.attrs.get("intervention", "?"))
     label = f"{INTERVENTION_LABELS.get(iv, iv)}, lr {p.get('lr', '?'):g}, wd {p.get('weight_decay', '?'):g}"
     if iv == "lora":
@@ -307,7 +304,7 @@ def remedy_pair(encore: xr.Dataset, memit: xr.Dataset) -> dict:
     there, and how each run stands (a run that stopped earlier, or is still going, is compared
     where the shorter one ends)."""
     at = common_edits(encore, memit)
-    p = json.loads(encore.attrs.get("params", "{}"))
+    p = run_params(encore, missing_ok=True)
     out = {"edits": at, "planned": int(p.get("n_edits", at)), "batch": int(p.get("batch_size", 1))}
     for name, ds in (("ENCORE", encore), ("MEMIT", memit)):
         probe = float("nan")
@@ -330,7 +327,7 @@ def remedy_pairs(runs: dict) -> list[tuple[str, dict]]:
         editor = str(ds.attrs.get("editor"))
         if editor not in ("encore", "memit"):
             continue
-        p = json.loads(ds.attrs.get("params", "{}"))
+        p = run_params(ds, missing_ok=True)
         key = (int(p.get("n_edits", ds.sizes["edit"])), int(p.get("batch_size", 1)), str(ds.attrs.get("model")))
         groups.setdefault(key, {})[editor] = item
     return [(f"{model_name(model)}: {n:,} edits in batches of {batch}", pair)
@@ -359,8 +356,6 @@ def run_status(ds: xr.Dataset) -> str:
 def _segments(ds: xr.Dataset) -> list[tuple[int, str, str]]:
     """The stretches a run's file records, in order: (edits done when it began, -1 where that was
     not recorded; device; commit, "?" where not recorded). Empty for files that record none."""
-    import json
-
     try:
         starts = [int(x) for x in json.loads(ds.attrs["segment_starts"])]
         devices = [str(d) for d in json.loads(ds.attrs["devices_by_segment"])]
@@ -403,13 +398,11 @@ def stretch_table(runs: dict):
     edits (first and last), device, commits and median editor seconds per fact. Stretches saved
     before their starting counts were recorded are one row (their edits cannot be told apart).
     A pandas DataFrame."""
-    import json
-
     import pandas as pd
 
     rows = []
     for ds, _ in runs.values():
-        params = json.loads(ds.attrs["params"])
+        params = run_params(ds)
         batch = int(params.get("batch_size", 1))
         name = display_name(str(ds.attrs.get("editor"))) + (f", batches of {batch}" if batch > 1 else "")
         sec = ds["edit_seconds"].values
@@ -425,13 +418,11 @@ def long_run_table(runs: dict, at=(100, 1000, 3000)):
     and at the last measured step, the first edit after which an edited matrix passes the largest
     unedited one of its type (:func:`crossing_edit`), the first edit where the collapse rule held,
     and the last collapse-probe perplexity over the unedited model's. A pandas DataFrame."""
-    import json
-
     import pandas as pd
 
     rows = []
     for rid, (ds, _) in runs.items():
-        params = json.loads(ds.attrs["params"])
+        params = run_params(ds)
         last_step = int(ds["step"].values[-1])
         batch = int(params.get("batch_size", 1))
         row = {
@@ -465,8 +456,6 @@ def norm_growth_frame(runs: dict):
     ratio, the share of measured steps after which the mean edited norm rose, the largest unedited
     matrix of that type at the end, and efficacy right after each edit and after the sequence.
     A pandas DataFrame (the book shows it as an HTML table)."""
-    import json
-
     import pandas as pd
 
     rows = []
@@ -476,7 +465,7 @@ def norm_growth_frame(runs: dict):
         unedited = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0)
         mean = en.mean("edited").values
         vals = en.transpose("step", ...).values
-        params = json.loads(ds.attrs.get("params", "{}"))
+        params = run_params(ds, missing_ok=True)
         rows.append({
             "editor": display_name(str(ds.attrs.get("editor"))), "edits": int(ds.sizes["edit"]),
             "batch": int(params.get("batch_size", 1)),
