@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
-from repro.core.store import run_params
 from repro.reporting.tables import (crossing_edit, display_name, edited_norms, growth_at, remedy_pair,
-                                    remedy_pairs)
+                                    remedy_pairs, run_batch)
 
 HOLDS, PART, NOT_REPRODUCED, NOT_TESTED = "holds", "holds in part", "not reproduced", "not tested here"
 
@@ -86,8 +85,7 @@ def _frame(rows: list[dict]):
 
 def run_label(ds: xr.Dataset) -> str:
     """A short name of an editing run: editor, edits, batch size when above 1 (e.g. "MEMIT 100×10")."""
-    p = run_params(ds, missing_ok=True)
-    batch = int(p.get("batch_size", 1))
+    batch = run_batch(ds, missing_ok=True)
     return f"{_editor(ds)} {int(ds.sizes['edit']):,}" + (f"×{batch}" if batch > 1 else "")
 
 

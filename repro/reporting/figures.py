@@ -16,7 +16,8 @@ from matplotlib.colors import to_rgb
 from repro.editors.registry import REGISTRY, editor_spec
 from repro.measure.rewrite import harmonic_mean
 from repro.reporting.plots import BOOK_WIDTH
-from repro.reporting.tables import collapse_edit, crossing_edit, display_name, edited_norms, growth_at, profile_runs
+from repro.reporting.tables import (collapse_edit, crossing_edit, display_name, edited_norms, growth_at, profile_runs,
+                                    run_batch)
 from repro.core.store import run_params
 
 
@@ -259,9 +260,6 @@ def plot_pca(ds: xr.Dataset, layer: int, ax=None, site: str = "resid"):
 
 
 # -- F2 at length: the whole trajectory of the long runs --------------------------------------------
-def run_batch(ds: xr.Dataset) -> int:
-    return int(run_params(ds).get("batch_size", 1))
-
 
 def long_runs(runs: dict, min_edits: int = 1000) -> dict:
     """The runs planned for at least ``min_edits`` edits (finished, or stopped early by collapse)."""

@@ -16,7 +16,6 @@ import numpy as np
 import xarray as xr
 
 from repro.core.store import run_params
-
 from repro.reporting.claims import ACC_DROP, ES_DROP, NORM_FALL, OVERLAP, PPL_RISE, growth
 
 

@@ -300,8 +300,8 @@ def common_edits(a: xr.Dataset, b: xr.Dataset) -> int:
 
 def remedy_pair(encore: xr.Dataset, memit: xr.Dataset) -> dict:
     """ENCORE against MEMIT over the edits both made (:func:`common_edits`), with the pair's planned
-    length and batch size: growth of the edited matrices there, mean efficacy right after each edit up to there, the collapse-probe ratio
-    there, and how each run stands (a run that stopped earlier, or is still going, is compared
+    length and batch size: growth of the edited matrices there, mean efficacy right after each edit
+    up to there, the collapse-probe ratio there, and how each run stands (a run that stopped earlier, or is still going, is compared
     where the shorter one ends)."""
     at = common_edits(encore, memit)
     p = run_params(encore, missing_ok=True)
@@ -393,6 +393,17 @@ def edit_devices(ds: xr.Dataset) -> np.ndarray:
     return out
 
 
+def run_batch(ds: xr.Dataset, missing_ok: bool = False) -> int:
+    """The batch size a run edited in (1: one fact at a time); ``missing_ok`` as in :func:`run_params`."""
+    return int(run_params(ds, missing_ok).get("batch_size", 1))
+
+
+def run_name(ds: xr.Dataset) -> str:
+    """A long run's name in the tables: the editor's, with its batch size above 1 ("MEMIT, batches of 10")."""
+    batch = run_batch(ds)
+    return display_name(str(ds.attrs.get("editor"))) + (f", batches of {batch}" if batch > 1 else "")
+
+
 def stretch_table(runs: dict):
     """One row per stretch of each run (a run paused and resumed, perhaps on another machine): its
     edits (first and last), device, commits and median editor seconds per fact. Stretches saved
@@ -402,9 +413,7 @@ def stretch_table(runs: dict):
 
     rows = []
     for ds, _ in runs.values():
-        params = run_params(ds)
-        batch = int(params.get("batch_size", 1))
-        name = display_name(str(ds.attrs.get("editor"))) + (f", batches of {batch}" if batch > 1 else "")
+        name = run_name(ds)
         sec = ds["edit_seconds"].values
         for first, end, dev, shas in _spans(ds):
             rows.append({"run": name, "edits": f"{first + 1:,}–{end:,}", "device": dev,
@@ -424,9 +433,8 @@ def long_run_table(runs: dict, at=(100, 1000, 3000)):
     for rid, (ds, _) in runs.items():
         params = run_params(ds)
         last_step = int(ds["step"].values[-1])
-        batch = int(params.get("batch_size", 1))
         row = {
-            "run": display_name(str(ds.attrs.get("editor"))) + (f", batches of {batch}" if batch > 1 else ""),
+            "run": run_name(ds),
             "edits": f"{int(ds.sizes['edit']):,}/{int(params['n_edits']):,}",
             "status": run_status(ds),
         }
@@ -465,10 +473,9 @@ def norm_growth_frame(runs: dict):
         unedited = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0)
         mean = en.mean("edited").values
         vals = en.transpose("step", ...).values
-        params = run_params(ds, missing_ok=True)
         rows.append({
             "editor": display_name(str(ds.attrs.get("editor"))), "edits": int(ds.sizes["edit"]),
-            "batch": int(params.get("batch_size", 1)),
+            "batch": run_batch(ds, missing_ok=True),
             "layers": ",".join(str(x).split(":")[0] for x in en["edited"].values),
             "‖W‖ before": float(mean[0]), "‖W‖ after": float(mean[-1]), "growth": float(mean[-1] / mean[0]),
             "largest layer ratio": float((vals[-1] / vals[0]).max()), "rises": float((np.diff(mean) > 0).mean()),
