@@ -196,3 +196,14 @@ def test_list_shows_how_far_an_unfinished_run_has_got(tmp_path, monkeypatch, cap
     assert state.read_bytes() == b"not a torch file" and not state.with_name(state.name + ".damaged").exists()
     state.write_bytes(before)
     assert torch.load(state, weights_only=False)["done"] == 1510
+
+    # timed edits give the recent pace (median of the last 100) and the editor time left at it
+    rows = [{"edit_seconds": 100.0}] * 5 + [{"edit_seconds": s} for s in [1.0, 2.0, 3.0] * 33 + [2.0]]
+    store.save_state(state, {"done": 1510, "rows": rows, "device": "cuda:0"})
+    assert run.status() == ("partial", "1,510 of 3,000 edits made; 2 s/edit on cuda:0 over the last 100, "
+                                       "so ~0.8 h of editing for the 1,490 left")
+    store.save_state(state, {"done": 2990, "rows": [{"edit_seconds": 3.0}]})
+    assert run.status() == ("partial", "2,990 of 3,000 edits made; 3 s/edit over the last 1, "
+                                       "so under a minute of editing for the 10 left")
+    store.save_state(state, {"done": 2900, "rows": [{"edit_seconds": 3.0}]})
+    assert run.status()[1].endswith("so ~5 min of editing for the 100 left")

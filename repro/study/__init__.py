@@ -105,13 +105,38 @@ class Run:
         if state.exists():
             status = "partial" if status == "missing" else status
             try:
-                done = peek_state(state).get("done")
+                held = peek_state(state)
+                done = held.get("done")
                 of = self.parameters.get("n_edits")
                 made = f"{done:,} of {of:,} edits made" if isinstance(of, int) else f"{done:,} edits made"
+                pace = _pace(held, of - done if isinstance(of, int) else None)
+                made = f"{made}; {pace}" if pace else made
             except Exception as err:  # noqa: BLE001 - any unreadable state is reported, not raised
                 made = f"unreadable resume state {state.name}: {type(err).__name__}"
             why = f"{made}; {why}" if why else made
         return status, why
+
+
+def _pace(state: dict, left: int | None, last: int = 100) -> str:
+    """How fast a resumable run has lately been editing, from its state's per-fact editor seconds
+    (the median over its ``last`` edits, and the device it last ran on), and the editor time that pace
+    leaves for its ``left`` edits; checkpoints and probes come on top. Empty when the state holds
+    no timed edits."""
+    import numpy as np
+
+    secs = [float(r["edit_seconds"]) for r in (state.get("rows") or [])[-last:]
+            if isinstance(r, dict) and r.get("edit_seconds") is not None]
+    if not secs:
+        return ""
+    med = float(np.median(secs))
+    where = f" on {state['device']}" if state.get("device") else ""
+    pace = f"{med:.3g} s/edit{where} over the last {len(secs):,}"
+    if left and left > 0:
+        secs_left = med * left
+        time = (f"~{secs_left / 3600:.1f} h" if secs_left >= 360 else
+                f"~{secs_left / 60:.0f} min" if secs_left >= 60 else "under a minute")
+        pace += f", so {time} of editing for the {left:,} left"
+    return pace
 
 
 def _show(path: Path) -> str:
