@@ -301,8 +301,8 @@ def common_edits(a: xr.Dataset, b: xr.Dataset) -> int:
 def remedy_pair(encore: xr.Dataset, memit: xr.Dataset) -> dict:
     """ENCORE against MEMIT over the edits both made (:func:`common_edits`), with the pair's planned
     length and batch size: growth of the edited matrices there, mean efficacy right after each edit
-    up to there, the collapse-probe ratio there, and how each run stands (a run that stopped earlier, or is still going, is compared
-    where the shorter one ends)."""
+    up to there, the collapse-probe ratio there, and how each run stands (a run that stopped
+    earlier, or is still going, is compared where the shorter one ends)."""
     at = common_edits(encore, memit)
     p = run_params(encore, missing_ok=True)
     out = {"edits": at, "planned": int(p.get("n_edits", at)), "batch": int(p.get("batch_size", 1))}

@@ -122,20 +122,20 @@ def _pace(state: dict, left: int | None, last: int = 100) -> str:
     (the median over its ``last`` edits, and the device it last ran on), and the editor time that pace
     leaves for its ``left`` edits; checkpoints and probes come on top. Empty when the state holds
     no timed edits."""
-    import numpy as np
+    from statistics import median
 
     secs = [float(r["edit_seconds"]) for r in (state.get("rows") or [])[-last:]
             if isinstance(r, dict) and r.get("edit_seconds") is not None]
     if not secs:
         return ""
-    med = float(np.median(secs))
+    med = median(secs)
     where = f" on {state['device']}" if state.get("device") else ""
     pace = f"{med:.3g} s/edit{where} over the last {len(secs):,}"
     if left and left > 0:
         secs_left = med * left
-        time = (f"~{secs_left / 3600:.1f} h" if secs_left >= 360 else
-                f"~{secs_left / 60:.0f} min" if secs_left >= 60 else "under a minute")
-        pace += f", so {time} of editing for the {left:,} left"
+        eta = (f"~{secs_left / 3600:.1f} h" if secs_left >= 360 else
+               f"~{secs_left / 60:.0f} min" if secs_left >= 60 else "under a minute")
+        pace += f", so {eta} of editing for the {left:,} left"
     return pace
 
 
