@@ -303,8 +303,14 @@ def test_each_edit_is_put_on_the_device_of_its_stretch():
     table = stretch_table({"a": (ds, None)})
     assert list(table["edits"]) == ["1–4", "5–7", "8–10"] and list(table["device"]) == ["cpu", "cuda", "cpu"]
     assert list(table["commits"]) == ["a, b", "c", "d"] and list(table["s/edit"]) == pytest.approx([2.5, 0.5, 2.5])
+    assert list(table["threads"]) == ["–"] * 3  # files from before thread counts were recorded
     assert provenance_lines(ds, "x.nc").endswith("stretches (from edit, device, git): ?, cpu, a; ?, cpu, b; "
                                                  "5, cuda:0, c; 8, cpu, d")
+    ds.attrs["threads_by_segment"] = json.dumps([-1, -1, 4, 1])
+    assert list(stretch_table({"a": (ds, None)})["threads"]) == ["–", "4", "1"]
+    assert provenance_lines(ds, "x.nc").endswith("5, cuda:0 (4 threads), c; 8, cpu (1 thread), d")
+    ds.attrs["threads_by_segment"] = json.dumps([2, 1, 4, 1])  # early stretches on different counts
+    assert list(stretch_table({"a": (ds, None)})["threads"]) == ["–", "4", "1"]
 
 
 def test_probe_figure_draws_ratios_and_the_threshold():
@@ -399,6 +405,7 @@ def test_a_run_past_its_deadline_pauses_with_its_state_and_resumes_to_the_same_r
     np.testing.assert_array_equal(resumed["nll_new"], full["nll_new"])
     assert json.loads(resumed.attrs["segment_starts"]) == [0, 1, 2]
     assert json.loads(resumed.attrs["devices_by_segment"]) == ["cpu"] * 3
+    assert json.loads(resumed.attrs["threads_by_segment"]) == [torch.get_num_threads()] * 3
     assert len(json.loads(resumed.attrs["git_shas_by_segment"])) == 3
     assert json.loads(full.attrs["segment_starts"]) == [0]
 
@@ -422,11 +429,12 @@ def test_a_state_from_before_segments_were_recorded_keeps_its_stretches_apart(tm
 
     p = params(tmp_path, tiny_dir, n_edits=3)
     path, old = interrupted(p, 2, interrupt_at, monkeypatch)
-    for key in ("devices", "segment_starts"):  # as states saved by earlier versions of the package
+    for key in ("devices", "segment_starts", "threads"):  # as states saved by earlier versions of the package
         old.pop(key)
     save_state(path, old)
     ds = run_sequential(p, progress=False)
     assert json.loads(ds.attrs["devices_by_segment"]) == ["cpu", "cpu"]
+    assert json.loads(ds.attrs["threads_by_segment"]) == [-1, torch.get_num_threads()]
     assert json.loads(ds.attrs["segment_starts"]) == [-1, 1]
 
 

@@ -202,6 +202,10 @@ def test_list_shows_how_far_an_unfinished_run_has_got(tmp_path, monkeypatch, cap
     store.save_state(state, {"done": 1510, "rows": rows, "device": "cuda:0"})
     assert run.status() == ("partial", "1,510 of 3,000 edits made; 2 s/edit on cuda:0 over the last 100, "
                                        "so ~0.8 h of editing for the 1,490 left")
+    store.save_state(state, {"done": 1510, "rows": rows, "device": "cpu", "threads": [-1, 2, 1]})
+    assert run.status()[1].startswith("1,510 of 3,000 edits made; 2 s/edit on cpu (1 thread) over the last 100")
+    store.save_state(state, {"done": 1510, "rows": rows, "device": "cpu", "threads": [1, 2]})
+    assert "2 s/edit on cpu (2 threads) over" in run.status()[1]
     store.save_state(state, {"done": 2990, "rows": [{"edit_seconds": 3.0}]})
     assert run.status() == ("partial", "2,990 of 3,000 edits made; 3 s/edit over the last 1, "
                                        "so under a minute of editing for the 10 left")

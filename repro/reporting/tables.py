@@ -93,10 +93,16 @@ def provenance_lines(ds: xr.Dataset, path) -> str:
         f"created: {ds.attrs.get('created_utc', '?')}  wall time: {ds.attrs.get('wall_time_s', '?')} s",
     ]
     stretches = _segments(ds)
-    if stretches:  # a run made in stretches: where each began and ran
+    if stretches:  # a run made in stretches: where each began and ran (and on how many threads)
         lines.append("stretches (from edit, device, git): " + "; ".join(
-            f"{'?' if s < 0 else s + 1}, {d}, {g[:12]}" for s, d, g in stretches))
+            f"{'?' if s < 0 else s + 1}, {d}{f' ({t} thread{_s(t)})' if t > 0 else ''}, {g[:12]}"
+            for s, d, g, t in stretches))
     return "\n".join(lines)
+
+
+def _s(n: int) -> str:
+    """The plural ending for a count of ``n``."""
+    return "" if n == 1 else "s"
 
 
 def display_name(editor: str) -> str:
@@ -353,33 +359,37 @@ def run_status(ds: xr.Dataset) -> str:
     return str(ds.attrs.get("stop_reason", "completed"))
 
 
-def _segments(ds: xr.Dataset) -> list[tuple[int, str, str]]:
+def _segments(ds: xr.Dataset) -> list[tuple[int, str, str, int]]:
     """The stretches a run's file records, in order: (edits done when it began, -1 where that was
-    not recorded; device; commit, "?" where not recorded). Empty for files that record none."""
+    not recorded; device; commit, "?" where not recorded; torch's CPU thread count, -1 where not
+    recorded). Empty for files that record none."""
     try:
         starts = [int(x) for x in json.loads(ds.attrs["segment_starts"])]
         devices = [str(d) for d in json.loads(ds.attrs["devices_by_segment"])]
         shas = [str(g) for g in json.loads(ds.attrs.get("git_shas_by_segment", "[]"))]
+        threads = [int(t) for t in json.loads(ds.attrs.get("threads_by_segment", "[]"))]
     except (KeyError, TypeError, ValueError):
         return []
-    return [(s, d, shas[i] if i < len(shas) else "?") for i, (s, d) in enumerate(zip(starts, devices))]
+    return [(s, d, shas[i] if i < len(shas) else "?", threads[i] if i < len(threads) else -1)
+            for i, (s, d) in enumerate(zip(starts, devices))]
 
 
-def _spans(ds: xr.Dataset) -> list[tuple[int, int, str, list[str]]]:
+def _spans(ds: xr.Dataset) -> list[tuple[int, int, str, list[str], int]]:
     """The edits of each stretch as (first, end) indices with the kind of device ("cpu", "cuda",
-    ...) and the commits. Stretches saved before their starting counts were recorded (start -1)
-    come first and form one span, on their device where they agree on one, else "unknown"."""
+    ...), the commits and torch's CPU thread count (-1: not recorded, or not one count). Stretches
+    saved before their starting counts were recorded (start -1) come first and form one span, on
+    their device where they agree on one, else "unknown"."""
     n = int(ds.sizes["edit"])
-    segs = [(s, d.split(":")[0], g) for s, d, g in _segments(ds)]
+    segs = [(s, d.split(":")[0], g, t) for s, d, g, t in _segments(ds)]
     known = [seg for seg in segs if seg[0] >= 0]
     early = [seg for seg in segs if seg[0] < 0]
     spans = []
     if early:
-        devices = {d for _, d, _ in early}
+        devices, threads = {d for _, d, _, _ in early}, {t for *_, t in early}
         spans.append((0, known[0][0] if known else n, devices.pop() if len(devices) == 1 else "unknown",
-                      [g for _, _, g in early]))
-    for (start, dev, sha), nxt in zip(known, known[1:] + [None]):
-        spans.append((start, nxt[0] if nxt else n, dev, [sha]))
+                      [g for _, _, g, _ in early], threads.pop() if len(threads) == 1 else -1))
+    for (start, dev, sha, threads), nxt in zip(known, known[1:] + [None]):
+        spans.append((start, nxt[0] if nxt else n, dev, [sha], threads))
     return [sp for sp in spans if sp[1] > sp[0]]
 
 
@@ -388,7 +398,7 @@ def edit_devices(ds: xr.Dataset) -> np.ndarray:
     its file records (:func:`_spans`); "unknown" where they do not tell, as for every edit of a
     file that records no stretches."""
     out = np.full(int(ds.sizes["edit"]), "unknown", dtype=object)
-    for first, end, dev, _ in _spans(ds):
+    for first, end, dev, *_ in _spans(ds):
         out[first:end] = dev
     return out
 
@@ -406,17 +416,18 @@ def run_name(ds: xr.Dataset) -> str:
 
 def stretch_table(runs: dict):
     """One row per stretch of each run (a run paused and resumed, perhaps on another machine): its
-    edits (first and last), device, commits and median editor seconds per fact. Stretches saved
-    before their starting counts were recorded are one row (their edits cannot be told apart).
-    A pandas DataFrame."""
+    edits (first and last), device, torch's CPU thread count ("–" where not recorded), commits and
+    median editor seconds per fact. Stretches saved before their starting counts were recorded are
+    one row (their edits cannot be told apart). A pandas DataFrame."""
     import pandas as pd
 
     rows = []
     for ds, _ in runs.values():
         name = run_name(ds)
         sec = ds["edit_seconds"].values
-        for first, end, dev, shas in _spans(ds):
+        for first, end, dev, shas, threads in _spans(ds):
             rows.append({"run": name, "edits": f"{first + 1:,}–{end:,}", "device": dev,
+                         "threads": str(threads) if threads > 0 else "–",
                          "s/edit": float(np.nanmedian(sec[first:end])), "commits": ", ".join(g[:7] for g in shas)})
     return pd.DataFrame(rows)
 

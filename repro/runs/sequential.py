@@ -14,8 +14,8 @@ parameters differ or ``overwrite`` is set. A run may also be given a deadline (`
 environment variable ``NORMGROWTH_STOP_AT``, in seconds since the epoch): once it has passed, the run
 saves its state after the current batch and raises :class:`Paused`, to be resumed later, on the same
 machine or another (a long run started on a CPU can go on on a GPU and back). Each stretch of a run
-records its commit, its device and the edit count it started at (``git_shas_by_segment``,
-``devices_by_segment``, ``segment_starts``).
+records its commit, its device, torch's CPU thread count and the edit count it started at
+(``git_shas_by_segment``, ``devices_by_segment``, ``threads_by_segment``, ``segment_starts``).
 """
 from __future__ import annotations
 
@@ -183,10 +183,11 @@ def _run(params: SequentialParams, run: Run, progress: bool, deadline: float | N
         editor.load_state_dict(saved["editor"])
         log.info("%s: %d edits done", output.name, state["done"])
     # the commit each stretch of the run was made with (a long run may be resumed several times)
-    # and the device and the edit count it started at; a state saved before these were recorded
-    # had all its stretches on the device it last recorded
+    # and the device, torch's CPU thread count and the edit count it started at; a state saved before
+    # these were recorded had all its stretches on the device it last recorded
     n_before = len(state.get("git_shas", []))
     state.setdefault("devices", [state.get("device", "not recorded")] * n_before).append(str(lm.device))
+    state.setdefault("threads", [-1] * n_before).append(torch.get_num_threads())  # -1: not recorded
     state.setdefault("segment_starts", [-1] * n_before).append(state["done"])  # -1: not recorded
     state.setdefault("git_shas", []).append(store.git_sha())
     state["device"] = str(lm.device)
@@ -327,8 +328,8 @@ def from_portable(m) -> xr.Dataset:
 
 
 def _segment_attrs(state: dict) -> dict:
-    """The stretches a run was made in: commit, device and starting edit count of each (-1: a
-    stretch saved before starting counts were recorded); the run's ``git_sha``, the commit its last
+    """The stretches a run was made in: commit, device, torch's CPU thread count and starting edit
+    count of each (-1: a stretch saved before these were recorded); the run's ``git_sha``, the commit its last
     stretch started from (the code that made the edits, even if the checkout moved on while it ran);
     and the editor's context prefixes, which the state keeps so that every stretch uses the same ones
     ("none" for editors without)."""
@@ -338,6 +339,7 @@ def _segment_attrs(state: dict) -> dict:
             "context_templates": templates if templates is not None else "none",
             "git_shas_by_segment": shas,
             "devices_by_segment": state.get("devices", [state.get("device", "not recorded")] * len(shas)),
+            "threads_by_segment": state.get("threads", [-1] * len(shas)),
             "segment_starts": state.get("segment_starts", [-1] * len(shas))}
 
 

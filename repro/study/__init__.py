@@ -119,9 +119,9 @@ class Run:
 
 def _pace(state: dict, left: int | None, last: int = 100) -> str:
     """How fast a resumable run has lately been editing, from its state's per-fact editor seconds
-    (the median over its ``last`` edits, and the device it last ran on), and the editor time that pace
-    leaves for its ``left`` edits; checkpoints and probes come on top. Empty when the state holds
-    no timed edits."""
+    (the median over its ``last`` edits, and the device and thread count it last ran on), and the
+    editor time that pace leaves for its ``left`` edits; checkpoints and probes come on top. Empty
+    when the state holds no timed edits."""
     from statistics import median
 
     secs = [float(r["edit_seconds"]) for r in (state.get("rows") or [])[-last:]
@@ -129,7 +129,9 @@ def _pace(state: dict, left: int | None, last: int = 100) -> str:
     if not secs:
         return ""
     med = median(secs)
-    where = f" on {state['device']}" if state.get("device") else ""
+    threads = (state.get("threads") or [-1])[-1]  # torch's CPU threads in its last stretch; -1: not recorded
+    on = f" ({threads} thread{'' if threads == 1 else 's'})" if threads > 0 else ""
+    where = f" on {state['device']}{on}" if state.get("device") else ""
     pace = f"{med:.3g} s/edit{where} over the last {len(secs):,}"
     if left and left > 0:
         secs_left = med * left
