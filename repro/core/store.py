@@ -45,6 +45,12 @@ def git_sha(cwd: str | Path | None = None) -> str:
         return "unknown"
 
 
+def threads_note(threads: int) -> str:
+    """How a stretch's recorded torch CPU thread count reads after its device: " (1 thread)",
+    " (2 threads)"; empty for -1 (not recorded)."""
+    return f" ({threads} thread{'' if threads == 1 else 's'})" if threads > 0 else ""
+
+
 def package_versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
     for name in PROVENANCE_PACKAGES:

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import xarray as xr
 
-from repro.core.store import run_params
+from repro.core.store import run_params, threads_note
 
 
 def edited_norms(ds: xr.Dataset) -> xr.DataArray:
@@ -95,14 +95,9 @@ def provenance_lines(ds: xr.Dataset, path) -> str:
     stretches = _segments(ds)
     if stretches:  # a run made in stretches: where each began and ran (and on how many threads)
         lines.append("stretches (from edit, device, git): " + "; ".join(
-            f"{'?' if s < 0 else s + 1}, {d}{f' ({t} thread{_s(t)})' if t > 0 else ''}, {g[:12]}"
+            f"{'?' if s < 0 else s + 1}, {d}{threads_note(t)}, {g[:12]}"
             for s, d, g, t in stretches))
     return "\n".join(lines)
-
-
-def _s(n: int) -> str:
-    """The plural ending for a count of ``n``."""
-    return "" if n == 1 else "s"
 
 
 def display_name(editor: str) -> str:

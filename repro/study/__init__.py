@@ -124,14 +124,15 @@ def _pace(state: dict, left: int | None, last: int = 100) -> str:
     when the state holds no timed edits."""
     from statistics import median
 
+    from repro.core.store import threads_note
+
     secs = [float(r["edit_seconds"]) for r in (state.get("rows") or [])[-last:]
             if isinstance(r, dict) and r.get("edit_seconds") is not None]
     if not secs:
         return ""
     med = median(secs)
     threads = (state.get("threads") or [-1])[-1]  # torch's CPU threads in its last stretch; -1: not recorded
-    on = f" ({threads} thread{'' if threads == 1 else 's'})" if threads > 0 else ""
-    where = f" on {state['device']}{on}" if state.get("device") else ""
+    where = f" on {state['device']}{threads_note(threads)}" if state.get("device") else ""
     pace = f"{med:.3g} s/edit{where} over the last {len(secs):,}"
     if left and left > 0:
         secs_left = med * left
