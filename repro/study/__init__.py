@@ -4,6 +4,7 @@ the book. Runs whose file and executed notebook exist are skipped, unless the fi
 other values of the declared parameters (stale): those are rerun, replacing the file.
 
     python -m repro.study --profile default [--only ID ...] [--force] [--list] [--toc] [--snapshot]
+                          [--stop-at WHEN]
     python -m repro.study --profile smoke --nbval
 
 Every selected run's parameters are checked (names, types, ranges: :mod:`repro.core.params`) before any
@@ -12,6 +13,11 @@ notebook executes; all bad entries are reported at once.
 ``--nbval`` (re)makes the notebooks the tests re-execute with nbval: for each notebook, the first
 run of the profile, executed, as ``tests/notebooks/<notebook>.ipynb`` (the notebook with the run's
 parameters injected by papermill after its parameters cell, and the outputs of that execution).
+
+``--stop-at WHEN`` gives sequential runs a deadline (a clock time ``HH:MM``, a date and time
+``YYYY-MM-DD HH:MM``, a delay ``+90m`` / ``+2.5h``, or seconds since the epoch): a run whose batch
+ends after it saves its state and pauses, runs not yet started are left for later, and the command
+exits with status 3; rerunning it resumes them. It sets ``NORMGROWTH_STOP_AT`` for the runs.
 
 ``--snapshot`` writes, for each run of the profile that is in progress (its resume state exists),
 a view of what it has done so far to ``data/runs/progress/`` without touching the run; the book
@@ -23,8 +29,10 @@ profile (``--toc`` does only that).
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import os
 import platform
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -43,6 +51,14 @@ NBVAL = ROOT / "tests" / "notebooks"
 IMPLICIT = {"measure_every": 0, "measure": {}, "measure_at": [], "collapse": {}, "dtype": "float32"}
 
 RUNS_PART = "Runs (executed notebooks)"
+PAUSED = 3  # the exit status when runs paused at the deadline (or were left for after it)
+_DELAY = re.compile(r"\+(\d+(?:\.\d+)?)([smh])")
+_UNIT = {"s": 1, "m": 60, "h": 3600}
+
+
+def _now() -> float:
+    """The clock the deadline is checked against before each run starts (a seam for tests)."""
+    return time.time()
 TOC = ROOT / "book" / "_toc.yml"
 
 
@@ -274,6 +290,45 @@ def write_nbval(runs: list[Run]) -> list[Path]:
     return written
 
 
+def deadline_from(text: str, now: float | None = None) -> float:
+    """Seconds since the epoch for ``--stop-at``: ``HH:MM`` (local time, the next time the clock
+    shows it), ``YYYY-MM-DD HH:MM`` (local time unless it names a zone), ``+90m`` / ``+2.5h`` /
+    ``+30s`` (from ``now``), or seconds since the epoch. Raises ValueError on anything else."""
+    now = time.time() if now is None else now
+    text = text.strip()
+    delay = _DELAY.fullmatch(text)
+    if delay:
+        return now + float(delay.group(1)) * _UNIT[delay.group(2)]
+    if re.fullmatch(r"\d{9,}(?:\.\d+)?", text):
+        return float(text)
+    clock = re.fullmatch(r"(\d{1,2}):(\d{2})", text)
+    if clock:
+        hour, minute = int(clock.group(1)), int(clock.group(2))
+        if hour > 23 or minute > 59:
+            raise ValueError(f"not a clock time: {text!r}")
+        start = dt.datetime.fromtimestamp(now)
+        when = start.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if when <= start:
+            when += dt.timedelta(days=1)
+        return when.timestamp()
+    try:
+        return dt.datetime.fromisoformat(text).timestamp()
+    except ValueError:
+        raise ValueError(f"--stop-at takes HH:MM, 'YYYY-MM-DD HH:MM', +90m / +2.5h / +30s, or seconds "
+                         f"since the epoch; got {text!r}") from None
+
+
+def paused(err: BaseException) -> bool:
+    """Whether ``err`` (as papermill raises it from a run's notebook) is a run pausing at its deadline."""
+    return getattr(err, "ename", type(err).__name__) == "Paused"
+
+
+def pause_message(err: BaseException) -> str:
+    """The run's own line for a pause ("…: paused at its deadline after N of M edits; …")."""
+    text = str(getattr(err, "evalue", "") or err).strip().splitlines()
+    return text[-1] if text else "paused"
+
+
 def execute(run: Run, force: bool = False) -> None:
     import papermill as pm
 
@@ -356,11 +411,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=None,
                     help="run the missing runs side by side on a local Dask cluster of this many workers")
     ap.add_argument("--scheduler", default=None, help="submit the runs to this Dask scheduler instead")
+    ap.add_argument("--stop-at", metavar="WHEN", default=None,
+                    help="pause sequential runs after the first batch that ends after WHEN (HH:MM, 'YYYY-MM-DD "
+                         "HH:MM', +90m, +2.5h, or seconds since the epoch) and start no run after it; exit "
+                         f"status {PAUSED}; rerun to resume")
     ap.add_argument("--file", type=Path, default=None, help=argparse.SUPPRESS)  # another profiles file (tests)
     ap.add_argument("--executed", type=Path, default=None, help=argparse.SUPPRESS)  # another executed-notebook dir
     args = ap.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         ap.error(f"--workers must be at least 1, got {args.workers}")
+    stop_at, given = None, args.stop_at or os.environ.get("NORMGROWTH_STOP_AT", "").strip()
+    if given:  # --stop-at, else a deadline already in the environment
+        try:
+            stop_at = deadline_from(given)
+        except ValueError as err:
+            ap.error(str(err) if args.stop_at else f"NORMGROWTH_STOP_AT: {err}")
     runs = load_profile(args.profile, args.file)
     for run in runs:
         run.executed_dir = args.executed
@@ -403,21 +468,41 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append((run, args.force or bool(stale)))
     if args.list:
         return 0
-    failed = 0
+    if stop_at is not None:  # the runs' kernels (and local Dask workers) inherit it; remote ones get it passed
+        os.environ["NORMGROWTH_STOP_AT"] = repr(stop_at)
+        print(f"[stop-at] runs pause after the first batch that ends after "
+              f"{dt.datetime.fromtimestamp(stop_at):%Y-%m-%d %H:%M:%S}", flush=True)
+    failed = n_paused = 0
     if args.workers or args.scheduler:
         from repro.study.parallel import run_parallel
 
-        outcomes = run_parallel(jobs, args.workers, args.scheduler, echo=lambda line: print(line, flush=True))
+        outcomes = run_parallel(jobs, args.workers, args.scheduler, echo=lambda line: print(line, flush=True),
+                                stop_at=stop_at)
         failed = sum(o.status == "failed" for o in outcomes)
+        n_paused = sum(o.status in ("paused", "not started") for o in outcomes)
     else:
         for run, force in jobs:
+            if stop_at is not None and _now() >= stop_at:
+                print(f"[wait] {run.id}: not started, the deadline has passed", flush=True)
+                n_paused += 1
+                continue
             t0 = time.perf_counter()
-            execute(run, force=force)
+            try:
+                execute(run, force=force)
+            except Exception as err:
+                if not paused(err):
+                    raise
+                print(f"[paused] {run.id} after {time.perf_counter() - t0:.0f} s: {pause_message(err)}", flush=True)
+                n_paused += 1
+                continue
             print(f"[done] {run.id} in {time.perf_counter() - t0:.0f} s", flush=True)
     if args.profile == "default" and args.file is None:
         sync_toc(load_profile(args.profile))
     if failed:
         print(f"{failed} run(s) failed; rerun the same command to resume them", file=sys.stderr)
-    return 1 if failed else 0
-
-
+        return 1
+    if n_paused:
+        print(f"{n_paused} run(s) paused or left for later at the deadline; rerun the same command "
+              f"(with a later --stop-at, or none) to resume them", file=sys.stderr)
+        return PAUSED
+    return 0

@@ -7,7 +7,8 @@ workers do not fight over cores, and, where GPUs exist, worker *i* runs on GPU *
 cluster, ``--scheduler`` submits to an existing Dask scheduler (e.g. one started by
 ``dask-jobqueue``'s ``SLURMCluster``, see the README). A failed run is reported with its error and
 the path of its partly executed notebook, and does not stop the others; rerunning the command
-resumes the failed and unfinished runs from their checkpoints.
+resumes the failed and unfinished runs from their checkpoints. With a deadline (``--stop-at``) each
+worker's runs pause at it, and a run whose turn comes after it is not started.
 """
 from __future__ import annotations
 
@@ -20,16 +21,21 @@ from dataclasses import dataclass
 @dataclass
 class Outcome:
     id: str
-    status: str  # "done" or "failed"
+    status: str  # "done", "failed", "paused" (at the deadline) or "not started" (its turn came after it)
     seconds: float
-    error: str = ""
+    error: str = ""  # a failed run's error, or a paused one's message
     log: str = ""  # the run's executed (or partly executed) notebook
 
 
-def run_one(run, force: bool, threads: int | None, n_gpus: int) -> Outcome:
-    """Execute ``run`` here (inside a Dask worker): its kernel inherits the thread count and device."""
-    from repro.study import execute
+def run_one(run, force: bool, threads: int | None, n_gpus: int, stop_at: float | None = None) -> Outcome:
+    """Execute ``run`` here (inside a Dask worker): its kernel inherits the thread count, device and
+    deadline."""
+    from repro import study
 
+    if stop_at is not None:
+        if study._now() >= stop_at:
+            return Outcome(run.id, "not started", 0.0, "the deadline has passed")
+        os.environ["NORMGROWTH_STOP_AT"] = repr(stop_at)
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(threads)
@@ -43,8 +49,10 @@ def run_one(run, force: bool, threads: int | None, n_gpus: int) -> Outcome:
         os.environ["NORMGROWTH_DEVICE"] = f"cuda:{index % n_gpus}"
     t0 = time.perf_counter()
     try:
-        execute(run, force=force)
+        study.execute(run, force=force)
     except Exception as err:  # reported, never raised: one failed run must not stop the others
+        if study.paused(err):
+            return Outcome(run.id, "paused", time.perf_counter() - t0, study.pause_message(err))
         partial = run.executed.with_name(f".{run.executed.name}.tmp.ipynb")
         message = str(err).strip().splitlines()
         return Outcome(run.id, "failed", time.perf_counter() - t0,
@@ -53,7 +61,7 @@ def run_one(run, force: bool, threads: int | None, n_gpus: int) -> Outcome:
 
 
 def run_parallel(jobs: list[tuple[object, bool]], workers: int | None = None, scheduler: str | None = None,
-                 echo=print) -> list[Outcome]:
+                 echo=print, stop_at: float | None = None) -> list[Outcome]:
     """Run ``jobs`` ((run, force) pairs) on Dask; print progress as runs finish; return the outcomes
     in the order they finished."""
     from distributed import Client, LocalCluster, as_completed
@@ -77,8 +85,8 @@ def run_parallel(jobs: list[tuple[object, bool]], workers: int | None = None, sc
     try:
         echo(f"[dask] {len(jobs)} runs on {len(client.scheduler_info()['workers'])} workers; "
              f"dashboard: {client.dashboard_link}")
-        futures = [client.submit(run_one, run, force, threads, n_gpus, key=f"run-{run.id}-{time.time_ns()}",
-                                 pure=False) for run, force in jobs]
+        futures = [client.submit(run_one, run, force, threads, n_gpus, stop_at,
+                                 key=f"run-{run.id}-{time.time_ns()}", pure=False) for run, force in jobs]
         for future in as_completed(futures):
             run = jobs[futures.index(future)][0]
             try:
@@ -91,6 +99,10 @@ def run_parallel(jobs: list[tuple[object, bool]], workers: int | None = None, sc
             head = f"[{len(outcomes)}/{len(jobs)} finished, {running} running, {failed} failed]"
             if outcome.status == "done":
                 echo(f"{head} done {outcome.id} in {outcome.seconds:.0f} s")
+            elif outcome.status == "paused":
+                echo(f"{head} paused {outcome.id} after {outcome.seconds:.0f} s: {outcome.error}")
+            elif outcome.status == "not started":
+                echo(f"{head} not started {outcome.id}: {outcome.error}")
             else:
                 echo(f"{head} FAILED {outcome.id}: {outcome.error}" + (f" (log: {outcome.log})" if outcome.log else ""))
     finally:
