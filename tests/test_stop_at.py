@@ -10,6 +10,7 @@ import pytest
 from papermill.exceptions import PapermillExecutionError
 
 from repro import study
+from repro.core import deadline
 from repro.core.store import read_netcdf, state_path
 from repro.study import parallel
 
@@ -33,6 +34,33 @@ def test_deadline_forms(text, expected):
 def test_a_malformed_deadline_is_refused(text):
     with pytest.raises(ValueError):
         study.deadline_from(text, now=NOW)
+
+
+@pytest.mark.parametrize("text", ["+1h", "09:45", "2026-12-06 10:15", "1765000000.5"])
+def test_a_run_reads_its_deadline_from_the_environment_as_the_command_reads_the_flag(text, monkeypatch):
+    from repro.runs.sequential import _deadline
+
+    monkeypatch.setattr(deadline.time, "time", lambda: NOW)  # the clock both readings anchor to
+    monkeypatch.setenv("NORMGROWTH_STOP_AT", f" {text} ")
+    assert _deadline(None) == pytest.approx(study.deadline_from(text, now=NOW))
+    assert _deadline(NOW + 7.0) == NOW + 7.0  # a deadline given to the run wins over the environment
+    monkeypatch.setenv("NORMGROWTH_STOP_AT", "in a while")
+    with pytest.raises(ValueError, match="NORMGROWTH_STOP_AT: a deadline is HH:MM"):
+        _deadline(None)
+
+
+def test_the_clock_is_read_only_where_the_deadline_needs_it(monkeypatch):
+    def no_clock():
+        raise AssertionError("read the clock")
+
+    assert deadline.parse("1765000000", no_clock) == 1765000000.0
+    assert deadline.parse("2026-12-06 10:15", no_clock) == dt.datetime(2026, 12, 6, 10, 15).timestamp()
+    monkeypatch.setenv("NORMGROWTH_STOP_AT", "  ")
+    assert deadline.from_env(no_clock) is None
+    deadline.to_env(1765000000.25)  # what the command hands its kernels: epoch seconds, read back exactly
+    assert deadline.from_env(no_clock) == 1765000000.25
+    with pytest.raises(AssertionError, match="read the clock"):
+        deadline.parse("+5m", no_clock)
 
 
 def test_a_malformed_deadline_is_a_usage_error_before_anything_runs(monkeypatch, capsys):

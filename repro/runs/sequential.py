@@ -11,7 +11,7 @@ Interrupted runs resume: every ``checkpoint_every`` edits the weights of the edi
 the measurements so far are saved (atomically) next to the output as ``<output>.state.pt``; a
 rerun with the same parameters continues from there. A finished run is not redone unless its
 parameters differ or ``overwrite`` is set. A run may also be given a deadline (``stop_at``, or the
-environment variable ``NORMGROWTH_STOP_AT``, in seconds since the epoch): once it has passed, the run
+environment variable ``NORMGROWTH_STOP_AT``, read by :mod:`repro.core.deadline`): once it has passed, the run
 saves its state after the current batch and raises :class:`Paused`, to be resumed later, on the same
 machine or another (a long run started on a CPU can go on on a GPU and back). Each stretch of a run
 records its commit, its device, torch's CPU thread count and the edit count it started at
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ from tqdm import tqdm
 from repro.runs import memory
 
 from repro.core import store
+from repro.core.deadline import from_env as deadline_from_env
 from repro.runs.lifecycle import Run, execute
 from repro.data.counterfact import EditRequest, load_records, to_request
 from repro.data.splits import SPLITS, held_out_records, select_records
@@ -106,16 +106,8 @@ class Paused(RuntimeError):
 
 
 def _deadline(stop_at: float | None) -> float | None:
-    """``stop_at``, else the environment's ``NORMGROWTH_STOP_AT`` (seconds since the epoch), else None."""
-    if stop_at is not None:
-        return float(stop_at)
-    env = os.environ.get("NORMGROWTH_STOP_AT", "").strip()
-    if not env:
-        return None
-    try:
-        return float(env)
-    except ValueError:
-        raise ValueError(f"NORMGROWTH_STOP_AT must be seconds since the epoch, got {env!r}") from None
+    """``stop_at``, else the environment's ``NORMGROWTH_STOP_AT`` (:mod:`repro.core.deadline`), else None."""
+    return float(stop_at) if stop_at is not None else deadline_from_env()
 
 
 def same_params(saved: dict, current: dict) -> bool:

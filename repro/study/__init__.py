@@ -32,7 +32,6 @@ import argparse
 import datetime as dt
 import os
 import platform
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from pathlib import Path
 
 import yaml
 
+from repro.core import deadline
 from repro.core.paths import ROOT, from_root
 
 PROFILES = ROOT / "study.yaml"
@@ -52,12 +52,11 @@ IMPLICIT = {"measure_every": 0, "measure": {}, "measure_at": [], "collapse": {},
 
 RUNS_PART = "Runs (executed notebooks)"
 PAUSED = 3  # the exit status when runs paused at the deadline (or were left for after it)
-_DELAY = re.compile(r"\+(\d+(?:\.\d+)?)([smh])")
-_UNIT = {"s": 1, "m": 60, "h": 3600}
 
 
 def _now() -> float:
-    """The clock the deadline is checked against before each run starts (a seam for tests)."""
+    """The clock that anchors ``--stop-at``'s delays and clock times and that the deadline is checked
+    against before each run starts (a seam for tests)."""
     return time.time()
 TOC = ROOT / "book" / "_toc.yml"
 
@@ -291,31 +290,18 @@ def write_nbval(runs: list[Run]) -> list[Path]:
 
 
 def deadline_from(text: str, now: float | None = None) -> float:
-    """Seconds since the epoch for ``--stop-at``: ``HH:MM`` (local time, the next time the clock
-    shows it), ``YYYY-MM-DD HH:MM`` (local time unless it names a zone), ``+90m`` / ``+2.5h`` /
-    ``+30s`` (from ``now``), or seconds since the epoch. Raises ValueError on anything else."""
-    now = time.time() if now is None else now
-    text = text.strip()
-    delay = _DELAY.fullmatch(text)
-    if delay:
-        return now + float(delay.group(1)) * _UNIT[delay.group(2)]
-    if re.fullmatch(r"\d{9,}(?:\.\d+)?", text):
-        return float(text)
-    clock = re.fullmatch(r"(\d{1,2}):(\d{2})", text)
-    if clock:
-        hour, minute = int(clock.group(1)), int(clock.group(2))
-        if hour > 23 or minute > 59:
-            raise ValueError(f"not a clock time: {text!r}")
-        start = dt.datetime.fromtimestamp(now)
-        when = start.replace(hour=hour, minute=minute, second=0, microsecond=0)
-        if when <= start:
-            when += dt.timedelta(days=1)
-        return when.timestamp()
+    """Seconds since the epoch for ``--stop-at`` (:func:`repro.core.deadline.parse`), with delays
+    and clock times counted from ``now``, default :func:`_now`. Raises ValueError on a malformed
+    value."""
     try:
-        return dt.datetime.fromisoformat(text).timestamp()
-    except ValueError:
-        raise ValueError(f"--stop-at takes HH:MM, 'YYYY-MM-DD HH:MM', +90m / +2.5h / +30s, or seconds "
-                         f"since the epoch; got {text!r}") from None
+        return deadline.parse(text, _now if now is None else (lambda: now))
+    except ValueError as err:
+        raise ValueError(f"--stop-at takes {deadline.FORMS}; got {text.strip()!r}") from err
+
+
+def too_late(stop_at: float | None) -> bool:
+    """Whether a run whose turn comes now should be left for later: a deadline is set and has passed."""
+    return stop_at is not None and _now() >= stop_at
 
 
 def paused(err: BaseException) -> bool:
@@ -420,12 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.workers is not None and args.workers < 1:
         ap.error(f"--workers must be at least 1, got {args.workers}")
-    stop_at, given = None, args.stop_at or os.environ.get("NORMGROWTH_STOP_AT", "").strip()
-    if given:  # --stop-at, else a deadline already in the environment
-        try:
-            stop_at = deadline_from(given)
-        except ValueError as err:
-            ap.error(str(err) if args.stop_at else f"NORMGROWTH_STOP_AT: {err}")
+    try:  # --stop-at, else a deadline already in the environment
+        stop_at = deadline_from(args.stop_at) if args.stop_at else deadline.from_env(_now)
+    except ValueError as err:
+        ap.error(str(err))
     runs = load_profile(args.profile, args.file)
     for run in runs:
         run.executed_dir = args.executed
@@ -469,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         return 0
     if stop_at is not None:  # the runs' kernels (and local Dask workers) inherit it; remote ones get it passed
-        os.environ["NORMGROWTH_STOP_AT"] = repr(stop_at)
+        deadline.to_env(stop_at)
         print(f"[stop-at] runs pause after the first batch that ends after "
               f"{dt.datetime.fromtimestamp(stop_at):%Y-%m-%d %H:%M:%S}", flush=True)
     failed = n_paused = 0
@@ -482,7 +466,7 @@ def main(argv: list[str] | None = None) -> int:
         n_paused = sum(o.status in ("paused", "not started") for o in outcomes)
     else:
         for run, force in jobs:
-            if stop_at is not None and _now() >= stop_at:
+            if too_late(stop_at):
                 print(f"[wait] {run.id}: not started, the deadline has passed", flush=True)
                 n_paused += 1
                 continue

@@ -17,6 +17,8 @@ import os
 import time
 from dataclasses import dataclass
 
+from repro.core import deadline
+
 
 @dataclass
 class Outcome:
@@ -32,10 +34,10 @@ def run_one(run, force: bool, threads: int | None, n_gpus: int, stop_at: float |
     deadline."""
     from repro import study
 
+    if study.too_late(stop_at):
+        return Outcome(run.id, "not started", 0.0, "the deadline has passed")
     if stop_at is not None:
-        if study._now() >= stop_at:
-            return Outcome(run.id, "not started", 0.0, "the deadline has passed")
-        os.environ["NORMGROWTH_STOP_AT"] = repr(stop_at)
+        deadline.to_env(stop_at)
     if threads:
         for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[var] = str(threads)
