@@ -40,13 +40,13 @@ def test_a_malformed_deadline_is_refused(text):
 def test_a_run_reads_its_deadline_from_the_environment_as_the_command_reads_the_flag(text, monkeypatch):
     from repro.runs.sequential import _deadline
 
-    monkeypatch.setattr(deadline.time, "time", lambda: NOW)  # the clock both readings anchor to
+    clock = lambda: NOW  # noqa: E731 -- the clock both readings anchor to
     monkeypatch.setenv("NORMGROWTH_STOP_AT", f" {text} ")
-    assert _deadline(None) == pytest.approx(study.deadline_from(text, now=NOW))
-    assert _deadline(NOW + 7.0) == NOW + 7.0  # a deadline given to the run wins over the environment
+    assert _deadline(None, clock) == pytest.approx(study.deadline_from(text, now=NOW))
+    assert _deadline(NOW + 7.0, clock) == NOW + 7.0  # a deadline given to the run wins over the environment
     monkeypatch.setenv("NORMGROWTH_STOP_AT", "in a while")
     with pytest.raises(ValueError, match="NORMGROWTH_STOP_AT: a deadline is HH:MM"):
-        _deadline(None)
+        _deadline(None, clock)
 
 
 def test_the_clock_is_read_only_where_the_deadline_needs_it(monkeypatch):

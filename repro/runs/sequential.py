@@ -105,9 +105,10 @@ class Paused(RuntimeError):
     """A run stopped at its deadline with its state saved: rerunning it resumes from there."""
 
 
-def _deadline(stop_at: float | None) -> float | None:
-    """``stop_at``, else the environment's ``NORMGROWTH_STOP_AT`` (:mod:`repro.core.deadline`), else None."""
-    return float(stop_at) if stop_at is not None else deadline_from_env()
+def _deadline(stop_at: float | None, clock=None) -> float | None:
+    """``stop_at``, else the environment's ``NORMGROWTH_STOP_AT`` (:mod:`repro.core.deadline`, whose delays
+    and clock times ``clock()`` anchors, default the system clock), else None."""
+    return float(stop_at) if stop_at is not None else deadline_from_env(clock)
 
 
 def same_params(saved: dict, current: dict) -> bool:

@@ -45,6 +45,7 @@ from repro.core.paths import ROOT, from_root
 PROFILES = ROOT / "study.yaml"
 EXECUTED = ROOT / "book" / "runs"
 NBVAL = ROOT / "tests" / "notebooks"
+TOC = ROOT / "book" / "_toc.yml"
 
 
 # Parameters added after some runs were made, with the value those older files implicitly used.
@@ -58,7 +59,6 @@ def _now() -> float:
     """The clock that anchors ``--stop-at``'s delays and clock times and that the deadline is checked
     against before each run starts (a seam for tests)."""
     return time.time()
-TOC = ROOT / "book" / "_toc.yml"
 
 
 @dataclass
