@@ -134,6 +134,22 @@ def test_remedy_compares_a_pair_where_memit_stopped_early_over_the_edits_both_ma
     assert claims.claim_remedy({"m": planned(memit, 200), "e": slow}).verdict == NOT_TESTED
 
 
+def test_a_run_of_another_model_than_the_default_is_named_with_its_model():
+    smol, gemma = edit_run("rome", 1.5), edit_run("rome", 3.0)
+    smol[0].attrs["model"], gemma[0].attrs["model"] = "smollm2-135m", "gemma3-270m"
+    assert claims.run_label(smol[0]) == "ROME 10"
+    assert claims.run_label(gemma[0]) == "ROME 10, Gemma-3-270M"
+    assert "(ROME 10, Gemma-3-270M)" in claims.claim_norm_growth({"s": smol, "g": gemma}).summary
+    pairs = {}
+    for model in ("smollm2-135m", "gemma3-270m"):
+        for editor, g in (("memit", 1.2), ("encore", 1.05)):
+            ds, path = edit_run(editor, g, batch=5)
+            pairs[editor + model] = (ds.assign_attrs(model=model), path)
+    summary = claims.claim_remedy(pairs).summary
+    assert "10 edits in batches of 5 on Gemma-3-270M: ENCORE" in summary
+    assert "; 10 edits in batches of 5: ENCORE" in summary  # the default model goes unnamed
+
+
 def test_the_committed_runs_give_a_verdict_for_every_claim():
     items = claims.verdicts()
     assert [v.claim for v in items] == ["1", "2", "3", "4", "remedy"]

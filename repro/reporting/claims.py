@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
-from repro.reporting.tables import (crossing_edit, display_name, edited_norms, growth_at, remedy_pair,
-                                    remedy_pairs, run_batch)
+from repro.reporting.tables import (crossing_edit, display_name, edited_norms, growth_at, model_name,
+                                    remedy_pair, remedy_pairs, run_batch)
+
+DEFAULT_MODEL = "smollm2-135m"  # the model a run's label leaves unnamed
 
 HOLDS, PART, NOT_REPRODUCED, NOT_TESTED = "holds", "holds in part", "not reproduced", "not tested here"
 
@@ -84,9 +86,12 @@ def _frame(rows: list[dict]):
 
 
 def run_label(ds: xr.Dataset) -> str:
-    """A short name of an editing run: editor, edits, batch size when above 1 (e.g. "MEMIT 100×10")."""
+    """A short name of an editing run: editor, edits, batch size when above 1 (e.g. "MEMIT 100×10"),
+    and the model when it is not the default one (e.g. "ROME 1,000, Gemma-3-270M")."""
     batch = run_batch(ds, missing_ok=True)
-    return f"{_editor(ds)} {int(ds.sizes['edit']):,}" + (f"×{batch}" if batch > 1 else "")
+    model = str(ds.attrs.get("model", DEFAULT_MODEL))
+    return (f"{_editor(ds)} {int(ds.sizes['edit']):,}" + (f"×{batch}" if batch > 1 else "")
+            + (f", {model_name(model)}" if model != DEFAULT_MODEL else ""))
 
 
 def growth(ds: xr.Dataset) -> float:
@@ -242,7 +247,8 @@ def claim_remedy(runs: dict) -> Verdict:
         (ds, _), (mds, _) = pair["encore"], pair["memit"]
         r = remedy_pair(ds, mds)
         e, m = r["ENCORE"], r["MEMIT"]
-        rows.append({"run": run_label(ds), "edits": r["edits"], "batch": r["batch"],
+        rows.append({"run": run_label(ds), "model": model_name(str(ds.attrs.get("model", DEFAULT_MODEL))),
+                     "edits": r["edits"], "batch": r["batch"],
                      "MEMIT stopped": m["status"] if m["done"] < r["planned"] else "",
                      "ENCORE growth": e["growth"], "MEMIT growth": m["growth"],
                      "ENCORE ES": e["efficacy"], "MEMIT ES": m["efficacy"],
@@ -252,6 +258,7 @@ def claim_remedy(runs: dict) -> Verdict:
 
     def where(r):
         return (f"{r['edits']:,} edits in batches of {r['batch']}"
+                + (f" on {r['model']}" if r["model"] != model_name(DEFAULT_MODEL) else "")
                 + (f" (where MEMIT stopped, {r['MEMIT stopped']})" if r["MEMIT stopped"] else ""))
 
     summary = "; ".join(f"{where(r)}: ENCORE ×{r['ENCORE growth']:.4f} against MEMIT ×{r['MEMIT growth']:.4f}, "
