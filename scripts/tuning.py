@@ -14,6 +14,7 @@ import argparse
 import sys
 from typing import NamedTuple
 
+from repro.core.models import DEFAULT_MODEL
 from repro.core.paths import from_root
 from repro.data.counterfact import load_records, save_records
 from repro.data.splits import split_of
@@ -29,7 +30,7 @@ class Check(NamedTuple):
     editor: str
     facts: str
     hparams: dict  # overriding the editor's yaml for this model
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
 
 
 CHECKS: dict[str, Check] = {

@@ -1,6 +1,8 @@
 """Architecture specs on tiny randomly initialised models of each family, and model loading errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPTJConfig, LlamaConfig
@@ -243,3 +245,67 @@ def test_the_kv_cache_goes_under_the_name_the_model_takes():
     assert cache_kwargs(New(), marker) == {"cache": marker}
     assert returned_cache(SimpleNamespace(past_key_values=marker)) is marker
     assert returned_cache(SimpleNamespace(cache=marker, past_key_values=None)) is marker
+
+
+def _fake_assemble(calls, content=b"whole file", fail=False):
+    """Stands in for a weights package's ``assemble(path)``: checks a file that is there, else
+    writes it block by block (as the real one does) and checks it."""
+
+    def assemble(path):
+        path = Path(path)
+        calls.append(path)
+        if path.exists():
+            if path.read_bytes() != content:
+                raise FileExistsError(f"{path} already exists with an unexpected sha256")
+            return path
+        with path.open("wb") as f:
+            f.write(content[:4])  # a reader arriving now would see a half-written file
+            if fail:
+                raise ValueError("checksum did not match")
+            f.write(content[4:])
+        return path
+
+    return assemble
+
+
+def test_assembled_weights_appear_whole_or_not_at_all(tmp_path):
+    """Two runs starting side by side on a fresh machine both assemble the chunked GGUF. The file
+    is written under a private name and renamed into place, so the target never holds half a file."""
+    from repro.core import models
+
+    target = tmp_path / "gguf" / "w.gguf"
+    calls = []
+    seen_while_writing = []
+
+    def assemble(path):
+        seen_while_writing.append(target.exists())
+        return _fake_assemble(calls)(path)
+
+    assert models.assemble_once(assemble, target) == target
+    assert target.read_bytes() == b"whole file"
+    assert calls[0] != target and calls[0].parent == target.parent  # written aside first
+    assert seen_while_writing[0] is False
+    assert calls[-1] == target  # the published file is checked again
+    assert sorted(p.name for p in target.parent.iterdir()) == ["w.gguf"]
+
+
+def test_existing_assembled_weights_are_checked_not_rewritten(tmp_path):
+    from repro.core import models
+
+    target = tmp_path / "w.gguf"
+    target.write_bytes(b"whole file")
+    calls = []
+    assert models.assemble_once(_fake_assemble(calls), target) == target
+    assert calls == [target]
+    target.write_bytes(b"whole")  # e.g. left half-written by an older version of this code
+    with pytest.raises(FileExistsError):
+        models.assemble_once(_fake_assemble(calls), target)
+
+
+def test_a_failed_assembly_leaves_nothing_behind(tmp_path):
+    from repro.core import models
+
+    target = tmp_path / "w.gguf"
+    with pytest.raises(ValueError):
+        models.assemble_once(_fake_assemble([], fail=True), target)
+    assert list(tmp_path.iterdir()) == []

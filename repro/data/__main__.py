@@ -10,12 +10,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _parser() -> argparse.ArgumentParser:
+    from repro.core.models import DEFAULT_MODEL
     from repro.data.build_facts import PRESETS
 
     parser = argparse.ArgumentParser(prog="python -m repro.data", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     facts = sub.add_parser("build-facts", help="build CounterFact-format records checked against a model")
-    facts.add_argument("--model", default="smollm2-135m")
+    facts.add_argument("--model", default=DEFAULT_MODEL, help=f"the model the facts are checked against (default: {DEFAULT_MODEL})")
     facts.add_argument("--preset", default="default", choices=sorted(PRESETS),
                        help="default: data/facts/<model>.json (1,500 facts checked per relation); long: "
                             "every fact checked, more cities and relations, higher caps, distinct "

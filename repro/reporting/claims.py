@@ -22,10 +22,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
-from repro.reporting.tables import (crossing_edit, display_name, edited_norms, growth_at, model_name,
-                                    remedy_pair, remedy_pairs, run_batch)
-
-DEFAULT_MODEL = "smollm2-135m"  # the model a run's label leaves unnamed
+from repro.reporting.tables import (crossing_edit, display_name, edited_norms, growth_at, is_default_model,
+                                    model_name, remedy_pair, remedy_pairs, run_batch, run_model)
 
 HOLDS, PART, NOT_REPRODUCED, NOT_TESTED = "holds", "holds in part", "not reproduced", "not tested here"
 
@@ -89,9 +87,9 @@ def run_label(ds: xr.Dataset) -> str:
     """A short name of an editing run: editor, edits, batch size when above 1 (e.g. "MEMIT 100×10"),
     and the model when it is not the default one (e.g. "ROME 1,000, Gemma-3-270M")."""
     batch = run_batch(ds, missing_ok=True)
-    model = str(ds.attrs.get("model", DEFAULT_MODEL))
+    model = run_model(ds)
     return (f"{_editor(ds)} {int(ds.sizes['edit']):,}" + (f"×{batch}" if batch > 1 else "")
-            + (f", {model_name(model)}" if model != DEFAULT_MODEL else ""))
+            + ("" if is_default_model(model) else f", {model_name(model)}"))
 
 
 def growth(ds: xr.Dataset) -> float:
@@ -242,12 +240,14 @@ def claim_remedy(runs: dict) -> Verdict:
     """ENCORE against MEMIT, runs of the same model, planned length and batch size
     (:func:`~repro.reporting.tables.remedy_pairs`), compared over the edits both made (where MEMIT
     collapsed and stopped early, up to there)."""
-    rows = []
+    rows, on = [], []  # on: " on <model>" for a pair not on the default model
     for _, pair in remedy_pairs(runs):
         (ds, _), (mds, _) = pair["encore"], pair["memit"]
         r = remedy_pair(ds, mds)
         e, m = r["ENCORE"], r["MEMIT"]
-        rows.append({"run": run_label(ds), "model": model_name(str(ds.attrs.get("model", DEFAULT_MODEL))),
+        model = run_model(ds)
+        on.append("" if is_default_model(model) else f" on {model_name(model)}")
+        rows.append({"run": run_label(ds), "model": model_name(model),
                      "edits": r["edits"], "batch": r["batch"],
                      "MEMIT stopped": m["status"] if m["done"] < r["planned"] else "",
                      "ENCORE growth": e["growth"], "MEMIT growth": m["growth"],
@@ -256,13 +256,12 @@ def claim_remedy(runs: dict) -> Verdict:
                                and e["efficacy"] >= m["efficacy"] - REMEDY_ES)})
     ev = _frame(rows)
 
-    def where(r):
-        return (f"{r['edits']:,} edits in batches of {r['batch']}"
-                + (f" on {r['model']}" if r["model"] != model_name(DEFAULT_MODEL) else "")
+    def where(r, on):
+        return (f"{r['edits']:,} edits in batches of {r['batch']}{on}"
                 + (f" (where MEMIT stopped, {r['MEMIT stopped']})" if r["MEMIT stopped"] else ""))
 
-    summary = "; ".join(f"{where(r)}: ENCORE ×{r['ENCORE growth']:.4f} against MEMIT ×{r['MEMIT growth']:.4f}, "
-                        f"efficacy {r['ENCORE ES']:.2f} against {r['MEMIT ES']:.2f}" for r in rows)
+    summary = "; ".join(f"{where(r, o)}: ENCORE ×{r['ENCORE growth']:.4f} against MEMIT ×{r['MEMIT growth']:.4f}, "
+                        f"efficacy {r['ENCORE ES']:.2f} against {r['MEMIT ES']:.2f}" for r, o in zip(rows, on))
     return Verdict("remedy", "Norm-constrained editing (ENCORE: early stopping and a norm penalty) keeps the "
                    "edited matrices' growth down without giving up the edits.", _verdict([r["holds"] for r in rows]),
                    f"per pair of ENCORE and MEMIT runs of the same planned length and batch size, over the edits "

@@ -116,6 +116,21 @@ def model_name(model: str) -> str:
     return spec.title if spec is not None and spec.title else model
 
 
+def run_model(ds: xr.Dataset) -> str:
+    """The model a run file was made with. Files without the attribute are the default model's.
+    (The default is read on first use, like the titles above.)"""
+    from repro.core.models import DEFAULT_MODEL
+
+    return str(ds.attrs.get("model", DEFAULT_MODEL))
+
+
+def is_default_model(model: str) -> bool:
+    """Whether ``model`` is the package's default one, which a run's label leaves unnamed."""
+    from repro.core.models import DEFAULT_MODEL
+
+    return model == DEFAULT_MODEL
+
+
 LONG = 1000  # a sequential run planned for at least this many edits is a long run
 
 

@@ -23,13 +23,13 @@ from repro.data.counterfact import Record, load_records, to_request
 from repro.editors import make_editor
 from repro.data.splits import SPLITS, select_records
 from repro.measure.rewrite import harmonic_mean, record_scores
-from repro.core.models import copy_weights, load_model, put_weights
+from repro.core.models import DEFAULT_MODEL, copy_weights, load_model, put_weights
 from repro.core.paths import from_root
 
 
 @dataclass
 class EfficacyParams:
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     editor: str = "rome"
     n_facts: int = 50
     seed: int = 11

@@ -10,7 +10,7 @@ import numpy as np
 import xarray as xr
 from tqdm import tqdm
 
-from repro.core.models import LoadedModel, copy_weights, load_model, put_weights
+from repro.core.models import DEFAULT_MODEL, LoadedModel, copy_weights, load_model, put_weights
 from repro.core.paths import from_root
 from repro.data.counterfact import Record, load_records, to_request
 from repro.data.splits import SPLITS, select_records
@@ -23,7 +23,7 @@ from repro.runs.lifecycle import Run, execute
 class LayerSweepParams:
     """Parameters of a layer sweep (notebooks/layer_sweep.ipynb)."""
 
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     editor: str = "rome"
     layers: list[int] = field(default_factory=lambda: [1, 3, 5, 7, 9, 12, 15, 20])  # candidate layers
     n_facts: int = 8  # held-out facts edited alone at each layer

@@ -38,7 +38,7 @@ from repro.data.counterfact import Record, load_records, to_request
 from repro.data.splits import split_of
 from repro.measure.rewrite import record_scores
 from repro.core.hooks import capture
-from repro.core.models import LoadedModel, copy_weights, load_model, put_weights
+from repro.core.models import DEFAULT_MODEL, LoadedModel, copy_weights, load_model, put_weights
 from repro.core.paths import from_root
 from repro.core.scoring import PromptBatch, encode_rows, logprobs_at, row_nll
 from repro.editors.base import load_hparams
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class MENDTrainParams:
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     facts: str = "data/facts/smollm2-135m.json"
     steps: int = 300
     edits_per_step: int = 1

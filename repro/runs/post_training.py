@@ -66,7 +66,7 @@ from repro.runs.lifecycle import Run, execute
 from repro.data.counterfact import Record, load_records
 from repro.data.text import load_text
 from repro.core.adapters import add_lora
-from repro.core.models import LoadedModel, load_model
+from repro.core.models import DEFAULT_MODEL, LoadedModel, load_model
 from repro.core.paths import from_root
 from repro.core.scoring import logprobs_at, pad_rows
 
@@ -85,7 +85,7 @@ class TrainParams:
     """Parameters of one post-training run (a smoke run: the ``smoke`` profile of study.yaml)."""
 
     intervention: str = "lora"  # "cpt" | "full_ft" | "lora"
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     steps: int = 300  # optimizer steps
     lr: float = 1e-4  # peak learning rate (after warmup)
     weight_decay: float = 0.0  # AdamW decoupled weight decay (matrices only)

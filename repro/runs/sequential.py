@@ -43,7 +43,7 @@ from repro.editors.registry import check_overrides
 from repro.measure.collapse import NONFINITE, CollapseParams, CollapseProbe, collapsed_for, first_collapse
 from repro.measure.norms import weight_norms
 from repro.measure.rewrite import compare_targets, prefers_new
-from repro.core.models import DTYPES, LoadedModel, copy_weights, load_model, put_weights
+from repro.core.models import DEFAULT_MODEL, DTYPES, LoadedModel, copy_weights, load_model, put_weights
 from repro.core.paths import from_root
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class SequentialParams:
-    model: str = "smollm2-135m"
+    model: str = DEFAULT_MODEL
     editor: str = "rome"
     n_edits: int = 100
     batch_size: int = 1  # facts per editor call
