@@ -4,7 +4,7 @@ up, and the objects packed.
     python scripts/diff_budget.py --since REV [--diffs-mib 256] [--pack-mib 512]
 
 Long runs commit resume states of tens of MB (AlphaEdit's and ENCORE's hold five 1,536² float64
-Gram matrices, ~68 MB on SmolLM2-135M). Each commit of such a file counts again, so advancing two of
+Gram matrices, ~68 MB on SmolLM2-135M before packing). Each commit of such a file counts again, so advancing two of
 them and committing each twice can pass a limit that one commit of each stays under. Run this before
 pushing a series; it exits 1 when a limit is passed.
 

@@ -501,3 +501,49 @@ def test_the_file_names_the_commit_its_last_stretch_ran_not_where_the_checkout_m
     assert len(calls) >= 2  # the file's write looked at git again: without the stretch's record it would say c
     assert json.loads(ds.attrs["git_shas_by_segment"]) == ["a" * 40, "b" * 40]
     assert ds.attrs["git_sha"] == "b" * 40
+
+
+def test_a_run_resumed_from_a_packed_state_ends_exactly_where_the_uninterrupted_one_does(tmp_path, tiny_dir,
+                                                                                        interrupt_at, monkeypatch):
+    """States are saved with their floating-point tensors packed (here every one of them, down to
+    the tiny model's): what the run saved (the edited weights, ENCORE's float64 Gram of earlier
+    keys, ...) loads back bit for bit, and the resumed run ends on the uninterrupted one's numbers."""
+    import copy
+
+    from repro.core import store
+
+    monkeypatch.setattr(store, "PACK_MIN_BYTES", 1)
+    saved, real_save = [], store.save_state
+
+    def keep_a_copy(path, state):
+        saved.append(copy.deepcopy(state))
+        real_save(path, state)
+    monkeypatch.setattr(store, "save_state", keep_a_copy)
+    hp = {"layers": [1], "v_steps": 2, "stats_tokens": 2000, "n_prefix_short": 1, "n_prefix_long": 1}
+    kw = dict(editor="encore", n_edits=4, batch_size=2, hparams=hp)
+    full = run_sequential(params(tmp_path / "a", tiny_dir, **kw), progress=False)
+    p = params(tmp_path / "b", tiny_dir, **kw)
+    saved.clear()
+    path, state = interrupted(p, 2, interrupt_at, monkeypatch)
+    raw = torch.load(path, weights_only=False)
+    assert all(store.PACKED in w for w in raw["weights"])
+    assert all(store.PACKED in g for g in raw["editor"]["prev_gram"].values())
+
+    def same(got, want):
+        if isinstance(want, dict):
+            return got.keys() == want.keys() and all(same(got[k], want[k]) for k in want)
+        if isinstance(want, (list, tuple)):
+            return len(got) == len(want) and all(same(g, w) for g, w in zip(got, want))
+        if isinstance(want, torch.Tensor):
+            return (got.dtype == want.dtype and got.shape == want.shape
+                    and torch.equal(got.reshape(-1).view(torch.uint8), want.reshape(-1).view(torch.uint8)))
+        return True  # parameters, strings, numbers: stored as they are
+
+    assert same(state, saved[-1]) and state["editor"]["prev_gram"][1].dtype == torch.float64
+    snap = experiment.snapshot(p.output, write=False)  # the progress view reads packed states too
+    done = snap.sizes["edit"]
+    assert done == state["done"] == 2
+    np.testing.assert_array_equal(snap["weight_norm"].values, full["weight_norm"].values[:done])
+    resumed = run_sequential(p, progress=False)
+    for name in ("weight_norm", "nll_new", "efficacy"):
+        np.testing.assert_array_equal(resumed[name].values, full[name].values)

@@ -167,3 +167,72 @@ def test_git_sha_of_a_copied_tree_is_the_one_its_maker_names(tmp_path, monkeypat
     monkeypatch.setenv("NORMGROWTH_GIT_SHA", "abc123")
     assert store.git_sha(tmp_path) == "abc123"
     assert store.git_sha() == "abc123"  # also where stale git metadata travelled with the copy
+
+
+def _bits(t):
+    """A tensor's bytes, to compare floats bit for bit (NaN payloads and signed zeros included)."""
+    import torch
+
+    return t.contiguous().reshape(-1).view(torch.uint8)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16", "float16"])
+def test_packed_tensors_come_back_bit_for_bit(dtype):
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    t = (torch.randn(300, 257, generator=g, dtype=torch.float64) * 1e3).to(getattr(torch, dtype))
+    t[0, :4] = torch.tensor([float("nan"), float("inf"), -0.0, float("-inf")]).to(t.dtype)
+    t = t[:, 1:]  # not contiguous
+    back = store.unpack_tensor(store.pack_tensor(t))
+    assert back.dtype == t.dtype and back.shape == t.shape
+    assert torch.equal(_bits(back), _bits(t))
+
+
+def test_saved_states_pack_large_float_tensors_exactly(tmp_path, monkeypatch):
+    """A resume state is saved with its large floating-point tensors packed and loads back exactly:
+    nested dicts, lists and tuples kept, small, integer and non-tensor values stored as they are."""
+    from collections import OrderedDict
+
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(2048 * 9, generator=g, dtype=torch.float64)
+    gram = torch.outer(a[:512], a[:512])  # products of one vector: like an editor's Gram matrix
+    state = {"weights": [torch.randn(640, 64, generator=g)], "done": 280, "rng": torch.get_rng_state(),
+             "editor": {"prev_gram": {1: gram}, "n_prev_keys": 280, "small": torch.ones(3)},
+             "module": OrderedDict(w=torch.randn(256, 128, generator=g)), "pair": (a, "text")}
+    path = tmp_path / "run.nc.state.pt"
+    store.save_state(path, state)
+    raw = torch.load(path, weights_only=False)
+    assert store.PACKED in raw["editor"]["prev_gram"][1] and store.PACKED in raw["weights"][0]
+    assert torch.is_tensor(raw["editor"]["small"]) and torch.is_tensor(raw["rng"])  # left as they are
+    back = store.load_state(path)
+    assert back["done"] == 280 and back["editor"]["n_prev_keys"] == 280 and back["pair"][1] == "text"
+    assert isinstance(back["pair"], tuple) and isinstance(back["module"], OrderedDict)
+    for got, want in [(back["editor"]["prev_gram"][1], gram), (back["weights"][0], state["weights"][0]),
+                      (back["pair"][0], a), (back["module"]["w"], state["module"]["w"]),
+                      (back["rng"], state["rng"]), (back["editor"]["small"], state["editor"]["small"])]:
+        assert got.dtype == want.dtype and torch.equal(_bits(got), _bits(want))
+    monkeypatch.setattr(store, "PACK_MIN_BYTES", 1 << 40)  # the same state, nothing packed
+    store.save_state(tmp_path / "plain.pt", state)
+    assert path.stat().st_size < 0.95 * (tmp_path / "plain.pt").stat().st_size
+
+
+def test_states_saved_before_packing_still_load(tmp_path):
+    import torch
+
+    state = {"weights": [torch.randn(512, 512, dtype=torch.float64)], "done": 7}
+    path = tmp_path / "old.state.pt"
+    torch.save(state, path)  # as states were written before
+    back = store.load_state(path)
+    assert back["done"] == 7 and torch.equal(back["weights"][0], state["weights"][0])
+
+
+def test_a_packed_tensor_of_unknown_format_is_an_error():
+    import torch
+
+    record = store.pack_tensor(torch.ones(100, 100))
+    record[store.PACKED] = "some-later-format"
+    with pytest.raises(ValueError, match="some-later-format"):
+        store.unpack_tensor(record)

@@ -7,6 +7,8 @@ import logging
 import os
 import platform
 import subprocess
+import zlib
+from collections import OrderedDict
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -82,14 +84,79 @@ def state_path(output: str | Path) -> Path:
     return output.with_name(output.name + ".state.pt")
 
 
+# Resume states of long runs are committed as they advance, and each commit of a changed binary
+# file carries it whole. Their large floating-point tensors (edited weights, float64 Gram matrices)
+# are therefore stored packed: the bytes of each element regrouped by position (all first bytes,
+# then all second bytes, ...: sign and exponent bytes repeat a lot, mantissa bytes hardly) and
+# deflated. That is exact, bit for bit, and makes such states 10-15 % smaller.
+PACKED = "__normgrowth_packed__"  # the key that marks a packed tensor in a saved state
+PACK_MIN_BYTES = 1 << 16  # smaller tensors are stored as they are
+
+
+def pack_tensor(t) -> dict:
+    """A floating-point tensor as a picklable record {PACKED, dtype, shape, data}, exact."""
+    import numpy as np
+    import torch
+
+    t = t.detach().to("cpu").contiguous()
+    raw = t.reshape(-1).view(torch.uint8).numpy().reshape(-1, t.element_size())
+    planes = np.ascontiguousarray(raw.T).tobytes()
+    return {PACKED: "byte-planes+zlib", "dtype": str(t.dtype).removeprefix("torch."),
+            # a uint8 tensor, not bytes: torch.save writes tensors raw, pickled bytes grow by half
+            "shape": list(t.shape), "data": torch.frombuffer(bytearray(zlib.compress(planes, 6)), dtype=torch.uint8)}
+
+
+def unpack_tensor(record: dict):
+    """The tensor :func:`pack_tensor` stored, bit for bit."""
+    import numpy as np
+    import torch
+
+    if record.get(PACKED) != "byte-planes+zlib":
+        raise ValueError(f"unknown packed tensor format {record.get(PACKED)!r}")
+    dtype = getattr(torch, record["dtype"])
+    size = torch.empty((), dtype=dtype).element_size()
+    planes = np.frombuffer(zlib.decompress(record["data"].numpy().tobytes()), dtype=np.uint8).reshape(size, -1)
+    raw = torch.from_numpy(np.ascontiguousarray(planes.T)).reshape(-1)
+    return raw.view(dtype).reshape(record["shape"])
+
+
+def _map_state(obj, leaf):
+    """``obj`` with ``leaf`` applied to every value inside its dicts, lists and tuples."""
+    if isinstance(obj, dict) and PACKED not in obj:
+        out = {k: _map_state(v, leaf) for k, v in obj.items()}
+        return OrderedDict(out) if isinstance(obj, OrderedDict) else out  # module state dicts stay ordered
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):  # not a named tuple
+        return type(obj)(_map_state(v, leaf) for v in obj)
+    return leaf(obj)
+
+
+def pack_state(state: dict) -> dict:
+    """``state`` with its large floating-point tensors packed (:func:`pack_tensor`)."""
+    import torch
+
+    def leaf(v):
+        if (isinstance(v, torch.Tensor) and v.is_floating_point() and v.layout == torch.strided
+                and v.numel() * v.element_size() >= PACK_MIN_BYTES):
+            return pack_tensor(v)
+        return v
+
+    return _map_state(state, leaf)
+
+
+def unpack_state(state: dict) -> dict:
+    """``state`` with every packed tensor restored; states saved before packing pass unchanged."""
+    return _map_state(state, lambda v: unpack_tensor(v) if isinstance(v, dict) and PACKED in v else v)
+
+
 def save_state(path: str | Path, state: dict) -> None:
-    """``torch.save`` the resume state via a temporary file and a rename (never half written)."""
+    """``torch.save`` the resume state, its large tensors packed (:func:`pack_state`), via a
+    temporary file and a rename (never half written)."""
     import torch
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
+    torch.save(pack_state(state), tmp)
     os.replace(tmp, path)
 
 
@@ -103,7 +170,7 @@ def load_state(path: str | Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return unpack_state(torch.load(path, map_location="cpu", weights_only=False))
     except Exception as err:
         aside = path.with_name(path.name + ".damaged")
         os.replace(path, aside)
@@ -121,7 +188,7 @@ def peek_state(path: str | Path) -> dict | None:
     path = Path(path)
     if not path.exists():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    return unpack_state(torch.load(path, map_location="cpu", weights_only=False, mmap=True))
 
 
 def write_netcdf(ds: xr.Dataset, path: str | Path) -> Path:

@@ -416,7 +416,7 @@ def snapshot(output: str | Path, write: bool = True) -> xr.Dataset | None:
     if not state_file.exists():
         return None
     try:
-        state = torch.load(state_file, weights_only=False)
+        state = store.peek_state(state_file)
     except Exception as err:
         raise RuntimeError(f"the resume state {state_file} cannot be read ({type(err).__name__}: {err})") from err
     params = SequentialParams(**state["params"])
