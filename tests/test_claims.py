@@ -163,3 +163,35 @@ def test_the_readme_results_are_the_generated_verdicts():
 
     text = (ROOT / "README.md").read_text()
     assert claims.readme_block(claims.verdicts()) in text, "README results drifted: python -m repro.reporting.claims --readme"
+
+
+def _with_second_edited(run, start: float, growth: float):
+    """``run`` with its unedited layer 1 turned into an edited one going from ``start`` to start·growth,
+    and a new unedited layer 2 at 12."""
+    ds, _ = run
+    n = int(ds.sizes["edit"])
+    norms = np.concatenate([ds["weight_norm"].values, np.full((ds.sizes["step"], 1, 1), 12.0)], axis=1)
+    norms[:, 1, 0] = start * growth ** (ds["step"].values / n)
+    out = ds.drop_vars(["weight_norm", "edited"]).assign_coords(layer=[0, 1, 2])
+    out["weight_norm"] = (("step", "layer", "matrix"), norms)
+    out["edited"] = (("layer", "matrix"), np.array([[1], [1], [0]], dtype=np.int8))
+    return out, None
+
+
+def test_a_matrix_above_the_unedited_ones_before_editing_is_reported_not_counted_as_passing_them():
+    grows_below = _with_second_edited(edit_run("memit", 1.1), 13.0, 1.1)  # layer 0: 10 -> 11, layer 1: 13 -> 14.3
+    v = claims.claim_norm_growth({"a": grows_below})
+    row = v.evidence.loc["MEMIT 10"]
+    assert row["above before editing"] == "1:mlp_down" and row["far beyond"] == "no" and row["holds"] == "no"
+    assert v.verdict == NOT_REPRODUCED and "MEMIT 10, an edited matrix was above every unedited one" in v.summary
+    passes = _with_second_edited(edit_run("memit", 1.5), 13.0, 1.1)  # layer 0: 10 -> 15 passes 12
+    v = claims.claim_norm_growth({"a": passes})
+    assert v.verdict == HOLDS and v.evidence.loc["MEMIT 10", "passes unedited at"] == 5
+    all_above = _with_second_edited(edit_run("memit", 1.1, unedited=9.0), 13.0, 1.1)  # 10 and 13 over 9 and 12
+    all_above[0]["weight_norm"][:, 2, 0] = 9.0
+    v = claims.claim_norm_growth({"a": all_above})
+    row = v.evidence.loc["MEMIT 10"]
+    assert row["above before editing"] == "0:mlp_down, 1:mlp_down" and row["far beyond"] == "–"
+    assert v.verdict == HOLDS  # nothing to pass: judged on its growth alone
+    plain = claims.claim_norm_growth({"a": edit_run("rome", 1.5)})
+    assert plain.evidence.loc["ROME 10", "above before editing"] == "" and "before any edit" not in plain.summary

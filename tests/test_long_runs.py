@@ -547,3 +547,34 @@ def test_a_run_resumed_from_a_packed_state_ends_exactly_where_the_uninterrupted_
     resumed = run_sequential(p, progress=False)
     for name in ("weight_norm", "nll_new", "efficacy"):
         np.testing.assert_array_equal(resumed[name].values, full[name].values)
+
+
+def _two_edited(first_start: float, second: list[float], unedited: float = 12.0):
+    """Edited layers 0 (growing ×1.1 from ``first_start``) and 1 (``second`` over the steps), unedited layer 2."""
+    import xarray as xr
+
+    norms = np.zeros((4, 3, 1))
+    norms[:, 0, 0] = first_start * np.linspace(1.0, 1.1, 4)
+    norms[:, 1, 0] = second
+    norms[:, 2, 0] = unedited
+    return xr.Dataset({"weight_norm": (("step", "layer", "matrix"), norms),
+                       "edited": (("layer", "matrix"), np.array([[1], [1], [0]], dtype=np.int8))},
+                      coords={"step": [0, 10, 100, 1000], "layer": [0, 1, 2], "matrix": ["mlp_down"]})
+
+
+def test_an_edited_matrix_above_the_unedited_ones_before_editing_does_not_count_as_passing_them():
+    """On Gemma-3-270M, MEMIT's edited layer 5 starts above every unedited ``mlp_down``: it did not
+    pass them by editing. Crossing and ending above are judged on the edited matrices that started
+    at or below the largest unedited one; with none such, there is nothing to judge (None)."""
+    from repro.reporting.tables import crossing_edit, ends_above, started_above
+
+    ds = _two_edited(12.5, [10.0, 10.5, 11.0, 11.5])  # layer 0 above from the start, layer 1 never passes
+    assert started_above(ds) == ["0:mlp_down"]
+    assert crossing_edit(ds) == -1 and ends_above(ds) is False
+    ds = _two_edited(12.5, [10.0, 11.0, 12.5, 13.0])  # layer 1 passes 12 after 100 edits
+    assert crossing_edit(ds) == 100 and ends_above(ds) is True
+    ds = _two_edited(10.0, [10.0, 12.5, 11.0, 11.5])  # passes at 10, falls back below by the end
+    assert started_above(ds) == [] and crossing_edit(ds) == 10 and ends_above(ds) is False
+    ds = _two_edited(12.5, [13.0, 13.0, 13.0, 13.0])  # both above before any edit
+    assert started_above(ds) == ["0:mlp_down", "1:mlp_down"]
+    assert crossing_edit(ds) == -1 and ends_above(ds) is None

@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
-from repro.reporting.tables import (crossing_edit, display_name, edited_norms, growth_at, is_default_model,
-                                    model_name, remedy_pair, remedy_pairs, run_batch, run_model)
+from repro.reporting.tables import (crossing_edit, display_name, edited_norms, ends_above, growth_at,
+                                    is_default_model, model_name, remedy_pair, remedy_pairs, run_batch, run_model,
+                                    started_above)
 
 HOLDS, PART, NOT_REPRODUCED, NOT_TESTED = "holds", "holds in part", "not reproduced", "not tested here"
 
@@ -31,8 +32,10 @@ HOLDS, PART, NOT_REPRODUCED, NOT_TESTED = "holds", "holds in part", "not reprodu
 # half of them end above their start
 GROWN_SHARE = 0.5
 # claim 2: an editor's matrices grow "with every edit" when the mean edited norm rose over at least
-# this share of the measured steps, and "far beyond" when its largest edited matrix ends above the
-# largest unedited matrix of the same type
+# this share of the measured steps, and "far beyond" when an edited matrix that started at or below
+# the largest unedited matrix of the same type ends above it (one already above before any edit
+# cannot pass it: it is reported, not counted; a run all of whose edited matrices started above is
+# judged on its growth alone)
 RISES_SHARE = 0.9
 # claim 3: degradation is a perplexity rise of 5 % or more, or a fall of 0.05 or more in mean task
 # accuracy or in recall of unedited facts; editing degrades when efficacy over the facts edited so
@@ -70,16 +73,18 @@ def _verdict(passes: list[bool]) -> str:
     return HOLDS if all(passes) else (NOT_REPRODUCED if not any(passes) else PART)
 
 
-def _frame(rows: list[dict]):
-    """Rows as a DataFrame indexed by a short label of each run; yes/no for the rule's tests."""
+def _frame(rows: list[dict], tests: tuple[str, ...] = ()):
+    """Rows as a DataFrame indexed by a short label of each run; yes/no for the rule's tests (its
+    boolean columns and ``tests``, where None, "–", is a test that does not apply to the run)."""
     import pandas as pd
 
     if not rows:
         return pd.DataFrame()
     table = pd.DataFrame(rows).set_index("run")
     for col in table.columns:
-        if table[col].dtype == bool:
-            table[col] = table[col].map({True: "yes", False: "no"})
+        values = [r[col] for r in rows]
+        if col in tests or all(isinstance(v, bool) for v in values):
+            table[col] = [{True: "yes", False: "no", None: "–"}[v] for v in values]
     return table
 
 
@@ -146,24 +151,30 @@ def claim_post_training(runs: dict) -> Verdict:
 def claim_norm_growth(runs: dict) -> Verdict:
     rows = []
     for rid, (ds, _) in runs.items():
-        g, r, cross = growth(ds), rises_share(ds), crossing_edit(ds)
+        g, r, cross, ends = growth(ds), rises_share(ds), crossing_edit(ds), ends_above(ds)
         rows.append({"run": run_label(ds), "growth": g,
                      "rises": r, "passes unedited at": cross if cross > 0 else None,
-                     "grows every edit": g > 1 and r >= RISES_SHARE, "far beyond": cross > 0})
+                     "above before editing": ", ".join(started_above(ds)),
+                     "grows every edit": g > 1 and r >= RISES_SHARE, "far beyond": ends})
     for row in rows:
-        row["holds"] = row["grows every edit"] and row["far beyond"]
-    ev = _frame(rows)
+        row["holds"] = row["grows every edit"] and row["far beyond"] is not False
+    already = [x["run"] for x in rows if x["above before editing"]]
+    ev = _frame(rows, tests=("far beyond",))
     summary = ""
     if rows:
         best = max(rows, key=lambda x: x["growth"])
         summary = (f"The edited matrices grow with (nearly) every edit in {_count(rows, 'grows every edit')} runs "
                    f"and end above every unedited matrix of their type in {_count(rows, 'far beyond')}; growth "
                    f"ranges from ×{min(x['growth'] for x in rows):.3f} to ×{best['growth']:.3f} ({best['run']}).")
+        if already:
+            summary += (f" In {', '.join(already)}, an edited matrix was above every unedited one before any edit; "
+                        f"it is not counted as passing them.")
     return Verdict("2", "Under sequential editing, with every family of editor, the norm of the edited matrix "
                    "grows with every edit, far beyond the unedited matrices.", _verdict([r["holds"] for r in rows]),
                    f"per run: growth > 1, the mean edited norm rising over at least {RISES_SHARE:.0%} of the "
-                   f"measured steps, and the largest edited matrix ending above the largest unedited matrix "
-                   f"of its type", ev, summary, ["figures/f2_f3_norm_growth", "figures/at_length"])
+                   f"measured steps, and an edited matrix that started at or below the largest unedited "
+                   f"matrix of its type ending above it (one already above before any edit is reported, not "
+                   f"counted)", ev, summary, ["figures/f2_f3_norm_growth", "figures/at_length"])
 
 
 # -- claim 3 ------------------------------------------------------------------------------------

@@ -741,7 +741,8 @@ def long_run_rows(runs: dict) -> list[dict]:
     mean task accuracy and recall against the unedited model's, efficacy over the facts edited so far
     against the first checkpoint's, the residual-stream norm ratio and subspace overlap, each judged
     by the rules of claims 3 and 4."""
-    from repro.reporting.tables import collapse_edit, crossing_edit, growth_at, model_name, probe_ratio, run_status
+    from repro.reporting.tables import (collapse_edit, crossing_edit, growth_at, model_name, probe_ratio, run_status,
+                                        started_above)
 
     rows = []
     for ds, _ in runs.values():
@@ -750,7 +751,7 @@ def long_run_rows(runs: dict) -> list[dict]:
         r = {"editor": _name(ds) + (f" in batches of {batch}" if batch > 1 else ""),
              "model": model_name(str(ds.attrs.get("model"))), "done": int(ds.sizes["edit"]),
              "planned": int(p.get("n_edits", ds.sizes["edit"])), "status": run_status(ds),
-             "growth": growth_at(ds, int(ds["step"].values[-1])), "cross": crossing_edit(ds),
+             "growth": growth_at(ds, int(ds["step"].values[-1])), "cross": crossing_edit(ds), "above": started_above(ds),
              "collapse": collapse_edit(ds), "probe ×": probe_ratio(ds),
              "factor": float(json.loads(ds.attrs.get("collapse_params", "{}")).get("factor", 10.0)),
              "ckpt": None}
@@ -774,6 +775,11 @@ def long_run_rows(runs: dict) -> list[dict]:
     return rows
 
 
+def _matrix_names(names: list[str]) -> list[str]:
+    """"5:mlp_down" -> "layer 5 mlp_down"."""
+    return [f"layer {n.split(':')[0]} {n.split(':')[1]}" for n in names]
+
+
 def long_run_findings(runs: dict) -> str:
     """The at-length page's text: one item per long run (what its norms, its collapse probe and its
     last checkpoint show), then the counts by the rules of claims 3 and 4. A run still going is
@@ -795,8 +801,11 @@ def long_run_findings(runs: dict) -> str:
         head = (f"- **{r['editor']}** ({r['model']}, {r['done']:,} of {r['planned']:,} edits"
                 + (", in progress" if r["status"] == "in progress" else f", {r['status']}") + "): "
                 f"growth ×{r['growth']:.2f}; "
+                + (f"the edited {join(_matrix_names(r['above']))} {'was' if len(r['above']) == 1 else 'were'} "
+                   f"above every unedited matrix of its type before any edit; " if r["above"] else "")
                 + (f"an edited matrix passes every unedited matrix of its type after edit {r['cross']:,}; "
-                   if r["cross"] > 0 else "no edited matrix passes the largest unedited one; ")
+                   if r["cross"] > 0 else f"no {'other ' if r['above'] else ''}edited matrix passes the largest "
+                   f"unedited one; ")
                 + (f"the collapse rule first held at edit {r['collapse']:,}" if r["collapse"] > 0 else
                    f"the collapse rule has not held (probe perplexity ×{r['probe ×']:.2f} of the unedited "
                    f"model's, threshold ×{r['factor']:g})"))

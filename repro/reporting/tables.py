@@ -21,15 +21,38 @@ def edited_norms(ds: xr.Dataset) -> xr.DataArray:
     )
 
 
-def crossing_edit(ds: xr.Dataset) -> int:
-    """The first measured edit count after which an edited matrix's norm exceeds the largest norm
-    among the unedited matrices of its type at that step (-1: never)."""
+def _above_unedited(ds: xr.Dataset) -> tuple[xr.DataArray, np.ndarray]:
+    """Whether each edited matrix's norm is above the largest norm among the unedited matrices of
+    its type, per measured step (dims "step", "edited"), and which were above it before any edit."""
     en = edited_norms(ds)
     mtype = str(en["edited"].values[0]).split(":")[1]
     unedited = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0)
-    above = (en.max("edited") > unedited.max("layer")).values
-    hits = np.flatnonzero(above)
+    above = en > unedited.max("layer").values[:, None]
+    return above, above.isel(step=0).values
+
+
+def started_above(ds: xr.Dataset) -> list[str]:
+    """The edited matrices ("layer:matrix") whose norm was above the largest unedited matrix of
+    their type before any edit (on Gemma-3-270M, MEMIT's and ENCORE's layer 5 ``mlp_down``): editing
+    cannot make them pass it, so :func:`crossing_edit` and :func:`ends_above` leave them out."""
+    above, first = _above_unedited(ds)
+    return [str(e) for e in above["edited"].values[first]]
+
+
+def crossing_edit(ds: xr.Dataset) -> int:
+    """The first measured edit count after which an edited matrix that started at or below the
+    largest norm among the unedited matrices of its type exceeds it (-1: never, or no edited matrix
+    started at or below it; matrices already above before any edit, :func:`started_above`, are left out)."""
+    above, first = _above_unedited(ds)
+    hits = np.flatnonzero(above.values[:, ~first].any(axis=1))
     return int(ds["step"].values[hits[0]]) if hits.size else -1
+
+
+def ends_above(ds: xr.Dataset) -> bool | None:
+    """Whether an edited matrix that started at or below the largest unedited matrix of its type is
+    above it at the last measured step; None when every edited matrix started above it."""
+    above, first = _above_unedited(ds)
+    return bool(above.values[-1, ~first].any()) if (~first).any() else None
 
 
 def summarize_run(ds: xr.Dataset, decimals: int = 3) -> str:
