@@ -578,3 +578,21 @@ def test_an_edited_matrix_above_the_unedited_ones_before_editing_does_not_count_
     ds = _two_edited(12.5, [13.0, 13.0, 13.0, 13.0])  # both above before any edit
     assert started_above(ds) == ["0:mlp_down", "1:mlp_down"]
     assert crossing_edit(ds) == -1 and ends_above(ds) is None
+
+
+def test_the_unedited_matrices_of_the_edited_type_are_those_the_run_left_alone():
+    """The reference every "beyond the unedited matrices" reading uses: the edited type comes from
+    the ``edited`` mask, the unedited norms leave the edited layers out (NaN, or dropped)."""
+    import xarray as xr
+
+    from repro.reporting.tables import edited_type, unedited_norms
+
+    ds = _two_edited(10.0, [11.0, 12.0, 13.0, 14.0], unedited=12.0)
+    assert edited_type(ds) == "mlp_down"
+    kept = unedited_norms(ds, "mlp_down")
+    assert np.isnan(kept.sel(layer=[0, 1]).values).all() and (kept.sel(layer=2).values == 12.0).all()
+    assert list(unedited_norms(ds, "mlp_down", drop=True)["layer"].values) == [2]
+    nothing = xr.Dataset({"edited": (("layer", "matrix"), np.zeros((2, 1), dtype=np.int8))},
+                         coords={"layer": [0, 1], "matrix": ["mlp_down"]}, attrs={"run_id": "empty"})
+    with pytest.raises(ValueError, match="empty marks no matrix as edited"):
+        edited_type(nothing)

@@ -114,7 +114,7 @@ def unpack_tensor(record: dict):
     if record.get(PACKED) != "byte-planes+zlib":
         raise ValueError(f"unknown packed tensor format {record.get(PACKED)!r}")
     dtype = getattr(torch, record["dtype"])
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     planes = np.frombuffer(zlib.decompress(record["data"].numpy().tobytes()), dtype=np.uint8).reshape(size, -1)
     raw = torch.from_numpy(np.ascontiguousarray(planes.T)).reshape(-1)
     return raw.view(dtype).reshape(record["shape"])

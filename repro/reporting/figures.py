@@ -16,8 +16,8 @@ from matplotlib.colors import to_rgb
 from repro.editors.registry import REGISTRY, editor_spec
 from repro.measure.rewrite import harmonic_mean
 from repro.reporting.plots import BOOK_WIDTH
-from repro.reporting.tables import (collapse_edit, crossing_edit, display_name, edited_norms, growth_at, profile_runs,
-                                    run_batch)
+from repro.reporting.tables import (collapse_edit, crossing_edit, display_name, edited_norms, edited_type, growth_at,
+                                    profile_runs, run_batch, unedited_norms)
 from repro.core.store import run_params
 
 
@@ -284,8 +284,8 @@ def plot_long_norm_growth(runs: dict, ax=None):
     ceiling = []
     for ds, _ in runs.values():
         en = edited_norms(ds)
-        mtype = str(en["edited"].values[0]).split(":")[1]
-        unedited = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0)
+        mtype = edited_type(ds)
+        unedited = unedited_norms(ds, mtype)
         ceiling.append(float(unedited.isel(step=0).max()))
         steps = ds["step"].values
         keep = steps > 0

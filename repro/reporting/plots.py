@@ -6,7 +6,8 @@ import numpy as np
 import seaborn as sns
 import xarray as xr
 
-from repro.reporting.tables import INTERVENTION_LABELS, display_name, edited_norms, relative_norms, short_matrix, training_setting
+from repro.reporting.tables import (INTERVENTION_LABELS, display_name, edited_norms, edited_type, relative_norms, short_matrix,
+                                    training_setting, unedited_norms)
 
 
 def plot_edited_norm_growth(ds: xr.Dataset, ax=None, title: str | None = None):
@@ -16,7 +17,7 @@ def plot_edited_norm_growth(ds: xr.Dataset, ax=None, title: str | None = None):
     en = edited_norms(ds)
     steps = ds["step"].values
     for mtype in sorted({name.split(":")[1] for name in en["edited"].values}):
-        unedited = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0, drop=True)
+        unedited = unedited_norms(ds, mtype, drop=True)
         for layer in unedited["layer"].values:
             ax.plot(steps, unedited.sel(layer=layer).values, color="0.75", lw=0.8, zorder=1)
     palette = sns.color_palette("rocket", n_colors=max(1, en.sizes["edited"]))
@@ -166,8 +167,8 @@ def _unedited_range(runs: dict) -> tuple[float, float]:
     """Smallest and largest unedited matrix (of each run's edited type) before the first edit."""
     lo, hi = np.inf, -np.inf
     for ds, _ in runs.values():
-        mtype = str(edited_norms(ds)["edited"].values[0]).split(":")[1]
-        unedited = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0).isel(step=0)
+        mtype = edited_type(ds)
+        unedited = unedited_norms(ds, mtype).isel(step=0)
         lo, hi = min(lo, float(unedited.min())), max(hi, float(unedited.max()))
     return lo, hi
 
@@ -209,7 +210,7 @@ def plot_layer_ratios(runs: dict, ax=None):
     labels, rows, edited = [], [], []
     for ds, _ in runs.values():
         en = edited_norms(ds)
-        mtype = str(en["edited"].values[0]).split(":")[1]
+        mtype = edited_type(ds)
         norms = ds["weight_norm"].sel(matrix=mtype)
         rows.append((norms.isel(step=-1) / norms.isel(step=0)).values)
         labels.append(display_name(str(ds.attrs.get("editor"))))

@@ -21,12 +21,27 @@ def edited_norms(ds: xr.Dataset) -> xr.DataArray:
     )
 
 
+def edited_type(ds: xr.Dataset) -> str:
+    """The matrix type (e.g. "mlp_down") of the run's first edited matrix, the one its edited
+    matrices are compared within."""
+    layer_idx, matrix_idx = np.nonzero(ds["edited"].values)
+    if not layer_idx.size:
+        raise ValueError(f"run {ds.attrs.get('run_id', '?')} marks no matrix as edited")
+    return str(ds["matrix"].values[matrix_idx[0]])
+
+
+def unedited_norms(ds: xr.Dataset, mtype: str, drop: bool = False) -> xr.DataArray:
+    """‖W‖_F over steps of the matrices of type ``mtype`` the run left unedited (dims "step",
+    "layer"): NaN at edited layers, or those layers dropped with ``drop``."""
+    return ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0, drop=drop)
+
+
 def _above_unedited(ds: xr.Dataset) -> tuple[xr.DataArray, np.ndarray]:
     """Whether each edited matrix's norm is above the largest norm among the unedited matrices of
     its type, per measured step (dims "step", "edited"), and which were above it before any edit."""
     en = edited_norms(ds)
-    mtype = str(en["edited"].values[0]).split(":")[1]
-    unedited = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0)
+    mtype = edited_type(ds)
+    unedited = unedited_norms(ds, mtype)
     above = en > unedited.max("layer").values[:, None]
     return above, above.isel(step=0).values
 
@@ -72,7 +87,7 @@ def summarize_run(ds: xr.Dataset, decimals: int = 3) -> str:
     for name in en["edited"].values:
         series = en.sel(edited=name).values
         layer, mtype = name.split(":")
-        others = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0)
+        others = unedited_norms(ds, mtype)
         lines.append(
             f"{name}: norm {series[0]:.{decimals}f} -> {series[-1]:.{decimals}f} "
             f"(x{series[-1] / series[0]:.{decimals}f}); unedited {mtype} layers: mean "
@@ -199,8 +214,8 @@ def norm_growth_table(runs: dict) -> str:
     rows = [head]
     for ds, _ in runs.values():
         en = edited_norms(ds)
-        mtype = str(en["edited"].values[0]).split(":")[1]
-        unedited = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0)
+        mtype = edited_type(ds)
+        unedited = unedited_norms(ds, mtype)
         layers = ",".join(str(x).split(":")[0] for x in en["edited"].values)
         params = run_params(ds, missing_ok=True)
         before, after = float(en.isel(step=0).mean()), float(en.isel(step=-1).mean())
@@ -513,8 +528,8 @@ def norm_growth_frame(runs: dict):
     rows = []
     for ds, _ in runs.values():
         en = edited_norms(ds)
-        mtype = str(en["edited"].values[0]).split(":")[1]
-        unedited = ds["weight_norm"].sel(matrix=mtype).where(ds["edited"].sel(matrix=mtype) == 0)
+        mtype = edited_type(ds)
+        unedited = unedited_norms(ds, mtype)
         mean = en.mean("edited").values
         vals = en.transpose("step", ...).values
         rows.append({
