@@ -17,6 +17,7 @@ import xarray as xr
 
 from repro.core.store import run_params
 from repro.reporting.claims import ACC_DROP, ES_DROP, NORM_FALL, OVERLAP, PPL_RISE, growth
+from repro.reporting.tables import edited_labels
 
 
 # -- small helpers -----------------------------------------------------------------------------
@@ -34,14 +35,9 @@ def join(items) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _edited(ds: xr.Dataset) -> list[str]:
-    pairs = zip(*np.nonzero(ds["edited"].values))
-    return [f"{int(ds['layer'].values[l])}:{ds['matrix'].values[m]}" for l, m in pairs]
-
-
 def edited_label(ds: xr.Dataset) -> str:
     """The matrices a run edits, e.g. "layer 1 mlp_down" or "layers 3–7 mlp_down"."""
-    cols = _edited(ds)
+    cols = edited_labels(ds)
     layers = sorted({int(c.split(":")[0]) for c in cols})
     types = sorted({c.split(":")[1] for c in cols})
     if len(layers) == 1:
@@ -722,7 +718,7 @@ def layer_choice_note(best: int, runs: dict, editors=("rome", "r-rome")) -> str:
     used = {}
     for ds, _ in runs.values():
         if str(ds.attrs.get("editor")) in editors:
-            used.setdefault(_name(ds), set()).update(int(c.split(":")[0]) for c in _edited(ds))
+            used.setdefault(_name(ds), set()).update(int(c.split(":")[0]) for c in edited_labels(ds))
     if not used:
         return ""
     same = [e for e, layers in used.items() if layers == {int(best)}]

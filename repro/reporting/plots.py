@@ -35,7 +35,7 @@ def plot_norm_by_layer(ds: xr.Dataset, ax=None, title: str | None = None):
     """F3: ‖W‖_F of the edited matrix type per layer, before editing, after N/2 and N edits."""
     ax = ax or plt.subplots(figsize=(5, 3.5))[1]
     en = edited_norms(ds)
-    mtype = en["edited"].values[0].split(":")[1]
+    mtype = edited_type(ds)
     norms = ds["weight_norm"].sel(matrix=mtype)
     steps = ds["step"].values
     picks = [steps[0], steps[np.argmin(np.abs(steps - steps[-1] / 2))], steps[-1]]

@@ -11,14 +11,16 @@ from repro.core.store import run_params, threads_note
 
 def edited_norms(ds: xr.Dataset) -> xr.DataArray:
     """‖W‖_F over steps of each edited matrix, dims ("step", "edited"), labelled "layer:matrix"."""
-    pairs = [(int(l), int(m)) for l, m in zip(*np.nonzero(ds["edited"].values))]
-    layers = ds["layer"].values
-    mats = ds["matrix"].values
-    cols = [ds["weight_norm"].sel(layer=layers[l], matrix=mats[m]).values for l, m in pairs]
-    return xr.DataArray(
-        np.stack(cols, axis=1), dims=("step", "edited"),
-        coords={"step": ds["step"].values, "edited": [f"{layers[l]}:{mats[m]}" for l, m in pairs]},
-    )
+    labels = edited_labels(ds)
+    cols = [ds["weight_norm"].sel(layer=int(label.split(":")[0]), matrix=label.split(":")[1]).values for label in labels]
+    return xr.DataArray(np.stack(cols, axis=1), dims=("step", "edited"),
+                        coords={"step": ds["step"].values, "edited": labels})
+
+
+def edited_labels(ds: xr.Dataset) -> list[str]:
+    """The run's edited matrices as "layer:matrix", in the order of the ``edited`` mask (row-major)."""
+    pairs = zip(*np.nonzero(ds["edited"].values))
+    return [f"{int(ds['layer'].values[l])}:{ds['matrix'].values[m]}" for l, m in pairs]
 
 
 def edited_type(ds: xr.Dataset) -> str:
