@@ -183,7 +183,7 @@ def test_a_matrix_above_the_unedited_ones_before_editing_is_reported_not_counted
     v = claims.claim_norm_growth({"a": grows_below})
     row = v.evidence.loc["MEMIT 10"]
     assert row["above before editing"] == "1:mlp_down" and row["far beyond"] == "no" and row["holds"] == "no"
-    assert v.verdict == NOT_REPRODUCED and "MEMIT 10, an edited matrix was above every unedited one" in v.summary
+    assert v.verdict == NOT_REPRODUCED and "above every unedited one in 1 run, not counted as passing them: MEMIT 10 (1:mlp_down)." in v.summary
     passes = _with_second_edited(edit_run("memit", 1.5), 13.0, 1.1)  # layer 0: 10 -> 15 passes 12
     v = claims.claim_norm_growth({"a": passes})
     assert v.verdict == HOLDS and v.evidence.loc["MEMIT 10", "passes unedited at"] == 5

@@ -158,7 +158,7 @@ def claim_norm_growth(runs: dict) -> Verdict:
                      "grows every edit": g > 1 and r >= RISES_SHARE, "far beyond": ends})
     for row in rows:
         row["holds"] = row["grows every edit"] and row["far beyond"] is not False
-    already = [x["run"] for x in rows if x["above before editing"]]
+    already = [f"{x['run']} ({x['above before editing']})" for x in rows if x["above before editing"]]
     ev = _frame(rows, tests=("far beyond",))
     summary = ""
     if rows:
@@ -167,8 +167,9 @@ def claim_norm_growth(runs: dict) -> Verdict:
                    f"and end above every unedited matrix of their type in {_count(rows, 'far beyond')}; growth "
                    f"ranges from ×{min(x['growth'] for x in rows):.3f} to ×{best['growth']:.3f} ({best['run']}).")
         if already:
-            summary += (f" In {', '.join(already)}, an edited matrix was above every unedited one before any edit; "
-                        f"it is not counted as passing them.")
+            summary += (f" Before any edit, an edited matrix was already above every unedited one in "
+                        f"{len(already)} run{'s' if len(already) > 1 else ''}, not counted as passing them: "
+                        f"{'; '.join(already)}.")
     return Verdict("2", "Under sequential editing, with every family of editor, the norm of the edited matrix "
                    "grows with every edit, far beyond the unedited matrices.", _verdict([r["holds"] for r in rows]),
                    f"per run: growth > 1, the mean edited norm rising over at least {RISES_SHARE:.0%} of the "

@@ -462,6 +462,9 @@ def efficacy_tradeoff(now_gap: float, kept_gap: float, at: int) -> str:
                  "efficacy after 10,000 edits is of the second kind.")
     elif (sign(now_gap), sign(kept_gap)) == (1, -1):
         text += " ENCORE writes each batch more firmly but keeps fewer of the earlier edits."
+    elif (sign(now_gap), sign(kept_gap)) == (-1, -1):
+        text += (" ENCORE is below MEMIT on both counts: the norm constraint costs edits as they are written, and "
+                 "its slower growth does not make up for that in the facts kept by this point.")
     return text
 
 
