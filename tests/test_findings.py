@@ -365,4 +365,4 @@ def test_efficacy_tradeoff_names_which_side_each_efficacy_favours():
     assert "0.10 above MEMIT (the remedy" in both and "firmly" not in both and "both counts" not in both
     below = F.efficacy_tradeoff(-0.15, -0.09, 1000)
     assert "at 1,000 edits, it is 0.09 below MEMIT" in below and "below MEMIT on both counts" in below
-    assert "firmly" not in below
+    assert "less firmly but keeps more" not in below and "more firmly but" not in below

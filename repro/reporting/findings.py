@@ -463,8 +463,8 @@ def efficacy_tradeoff(now_gap: float, kept_gap: float, at: int) -> str:
     elif (sign(now_gap), sign(kept_gap)) == (1, -1):
         text += " ENCORE writes each batch more firmly but keeps fewer of the earlier edits."
     elif (sign(now_gap), sign(kept_gap)) == (-1, -1):
-        text += (" ENCORE is below MEMIT on both counts: the norm constraint costs edits as they are written, and "
-                 "its slower growth does not make up for that in the facts kept by this point.")
+        text += (" ENCORE is below MEMIT on both counts: it writes each batch less firmly and, by this point, "
+                 "keeps fewer of the earlier edits too.")
     return text
 
 
