@@ -117,18 +117,20 @@ def test_committed_runs_keep_their_parameters():
 
 
 def test_committed_resume_states_still_resume():
+    """Each committed resume state (an unfinished default run) was saved with the parameters the
+    notebooks build today, so the run resumes rather than starting over. Skipped when every run of
+    the profile has finished and no state is committed."""
     import torch
 
     from repro.runs.sequential import same_params
     from repro.core.store import state_path
 
-    checked = 0
-    for run in study.load_profile("default"):
-        if state_path(run.output).exists():
-            saved = torch.load(state_path(run.output), weights_only=False, map_location="cpu")["params"]
-            assert same_params(saved, _built(run)), run.id
-            checked += 1
-    assert checked >= 1
+    states = [run for run in study.load_profile("default") if state_path(run.output).exists()]
+    if not states:
+        pytest.skip("no resume state is committed: every run of the default profile has finished")
+    for run in states:
+        saved = torch.load(state_path(run.output), weights_only=False, map_location="cpu")["params"]
+        assert same_params(saved, _built(run)), run.id
 
 
 # ---- checking and coercing values ----------------------------------------------------------------
