@@ -6,8 +6,8 @@ import numpy as np
 import seaborn as sns
 import xarray as xr
 
-from repro.reporting.tables import (INTERVENTION_LABELS, display_name, edited_norms, edited_type, relative_norms, short_matrix,
-                                    training_setting, unedited_norms)
+from repro.reporting.tables import (INTERVENTION_LABELS, display_name, edited_labels, edited_norms, edited_type,
+                                    relative_norms, short_matrix, training_setting, unedited_norms)
 
 
 def plot_edited_norm_growth(ds: xr.Dataset, ax=None, title: str | None = None):
@@ -34,14 +34,13 @@ def plot_edited_norm_growth(ds: xr.Dataset, ax=None, title: str | None = None):
 def plot_norm_by_layer(ds: xr.Dataset, ax=None, title: str | None = None):
     """F3: ‖W‖_F of the edited matrix type per layer, before editing, after N/2 and N edits."""
     ax = ax or plt.subplots(figsize=(5, 3.5))[1]
-    en = edited_norms(ds)
     mtype = edited_type(ds)
     norms = ds["weight_norm"].sel(matrix=mtype)
     steps = ds["step"].values
     picks = [steps[0], steps[np.argmin(np.abs(steps - steps[-1] / 2))], steps[-1]]
     for step, color in zip(picks, sns.color_palette("mako", 3)):
         ax.plot(norms["layer"], norms.sel(step=step), marker="o", ms=3, color=color, label=f"after {step} edits")
-    for name in en["edited"].values:
+    for name in edited_labels(ds):
         ax.axvline(int(name.split(":")[0]), color="crimson", ls=":", lw=1)
     ax.set_xlabel("layer")
     ax.set_ylabel(f"‖W‖ of {mtype}")
@@ -209,12 +208,11 @@ def plot_layer_ratios(runs: dict, ax=None):
 
     labels, rows, edited = [], [], []
     for ds, _ in runs.values():
-        en = edited_norms(ds)
         mtype = edited_type(ds)
         norms = ds["weight_norm"].sel(matrix=mtype)
         rows.append((norms.isel(step=-1) / norms.isel(step=0)).values)
         labels.append(display_name(str(ds.attrs.get("editor"))))
-        edited.append([list(norms["layer"].values).index(int(n.split(":")[0])) for n in en["edited"].values])
+        edited.append([list(norms["layer"].values).index(int(n.split(":")[0])) for n in edited_labels(ds)])
     vals = np.array(rows)
     ax = ax or plt.subplots(figsize=(BOOK_WIDTH, 0.42 * len(rows) + 1.4))[1]
     top = max(float(np.nanmax(vals)), 1.01)

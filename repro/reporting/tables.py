@@ -11,16 +11,20 @@ from repro.core.store import run_params, threads_note
 
 def edited_norms(ds: xr.Dataset) -> xr.DataArray:
     """‖W‖_F over steps of each edited matrix, dims ("step", "edited"), labelled "layer:matrix"."""
-    labels = edited_labels(ds)
-    cols = [ds["weight_norm"].sel(layer=int(label.split(":")[0]), matrix=label.split(":")[1]).values for label in labels]
+    pairs = _edited_pairs(ds)
+    cols = [ds["weight_norm"].sel(layer=layer, matrix=matrix).values for layer, matrix in pairs]
     return xr.DataArray(np.stack(cols, axis=1), dims=("step", "edited"),
-                        coords={"step": ds["step"].values, "edited": labels})
+                        coords={"step": ds["step"].values, "edited": [f"{l}:{m}" for l, m in pairs]})
+
+
+def _edited_pairs(ds: xr.Dataset) -> list[tuple[int, str]]:
+    """The run's edited matrices as (layer, matrix type), in the order of the ``edited`` mask (row-major)."""
+    return [(int(ds["layer"].values[l]), str(ds["matrix"].values[m])) for l, m in zip(*np.nonzero(ds["edited"].values))]
 
 
 def edited_labels(ds: xr.Dataset) -> list[str]:
     """The run's edited matrices as "layer:matrix", in the order of the ``edited`` mask (row-major)."""
-    pairs = zip(*np.nonzero(ds["edited"].values))
-    return [f"{int(ds['layer'].values[l])}:{ds['matrix'].values[m]}" for l, m in pairs]
+    return [f"{layer}:{matrix}" for layer, matrix in _edited_pairs(ds)]
 
 
 def edited_type(ds: xr.Dataset) -> str:
