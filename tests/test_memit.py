@@ -166,14 +166,14 @@ def held_out():
 
 def test_mpes_stops_once_the_target_is_top1(smollm, held_out):
     """Most-probable early stopping ends as soon as every target token is the argmax on every
-    prompt (plus the extra steps), earlier than the NLL threshold would."""
+    prefixed prompt (plus the extra passes), earlier than the published loss threshold would."""
     req = held_out[0]
     kw = dict(steps=25, lr=0.5, weight_decay=0.5, kl_factor=0.0625, clamp_norm_factor=4.0, nll_stop=0.05)
     layer, mtype = 1, smollm.spec.mlp_out
     prompts = ["{}".replace("{}", req.prompt), "The following is true. " + req.prompt]
-    nll_run = optimize_value(smollm, layer, mtype, prompts, req.subject, req.target_new, **kw)
+    loss_run = optimize_value(smollm, layer, mtype, prompts, req.subject, req.target_new, **kw)
     mpes = optimize_value(smollm, layer, mtype, prompts, req.subject, req.target_new, **kw, early_stop="mpes")
-    assert mpes.steps < nll_run.steps
+    assert mpes.steps < loss_run.steps
     # at the stopping point the target is top-1 under the found v*
     from repro.core.scoring import logprobs_at
     from repro.core.hooks import edit_output
@@ -186,7 +186,7 @@ def test_mpes_stops_once_the_target_is_top1(smollm, held_out):
     with torch.no_grad(), edit_output(module, lambda out: out + mask * shift):
         lp = logprobs_at(smollm, batch, batch.loss_pos)
     top1 = (lp.argmax(-1) == batch.labels) | (batch.label_mask == 0)
-    assert bool(top1.all())
+    assert bool(top1[1:].all())  # the prefixed prompt: MPES does not count the plain one
 
 
 def test_memit_batch_edit_on_smollm(smollm, restore_weights, held_out):

@@ -96,7 +96,15 @@ HPARAM_RANGES: dict[str, tuple[str, float | None, float | None]] = {
     "eta": ("float", 0, None), "l2": ("float", 0, None), "norm_weight": ("float", 0, None),
     "null_energy": ("float", 1e-12, 1.0), "null_threshold": ("float", 0, None), "dropout": ("float", 0, 0.999),
 }
-EARLY_STOPS = ("nll", "mpes")
+# Named choices of the value optimisation (repro.editors.locate.optimize_values); the first of each is
+# the authors' form, the default.
+EARLY_STOPS = ("loss", "nll", "mpes")
+WEIGHT_DECAY_FORMS = ("norm", "squared")
+KL_FORMS = ("published", "former")
+MPES_ROWS = ("prefixed", "all")
+KEY_AVERAGES = ("by_type", "flat")
+CHOICES = {"early_stop": EARLY_STOPS, "v_weight_decay_form": WEIGHT_DECAY_FORMS, "kl_form": KL_FORMS,
+           "mpes_rows": MPES_ROWS, "key_average": KEY_AVERAGES}
 
 
 def refuse_fp16_training(editor: str, lm: LoadedModel) -> None:
@@ -108,14 +116,14 @@ def refuse_fp16_training(editor: str, lm: LoadedModel) -> None:
 
 
 def check_hparams(editor: str, hp) -> None:
-    """Refuse hyperparameters outside :data:`HPARAM_RANGES` (and unknown early-stopping rules),
+    """Refuse hyperparameters outside :data:`HPARAM_RANGES` (and unknown named choices, :data:`CHOICES`),
     naming the editor, the hyperparameter, its value and what is allowed."""
     import math
 
     for f in dataclasses.fields(hp):
         value = getattr(hp, f.name)
-        if f.name == "early_stop" and value not in EARLY_STOPS:
-            raise ValueError(f"{editor} hyperparameter early_stop={value!r}: allowed {EARLY_STOPS}")
+        if f.name in CHOICES and value not in CHOICES[f.name]:
+            raise ValueError(f"{editor} hyperparameter {f.name}={value!r}: allowed {CHOICES[f.name]}")
         if f.name not in HPARAM_RANGES or (value is None and f.default is None):
             continue  # unchecked, or an optional setting left out
         kind, low, high = HPARAM_RANGES[f.name]

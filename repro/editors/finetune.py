@@ -12,15 +12,28 @@ weight stays frozen. They differ in the loss and in a constraint:
   each target token predicted from the prompt plus the preceding target tokens, prompt tokens
   masked out of the loss; no constraint.
 
-A call edits a whole batch of requests at once: the loss is the mean over the requests of each
-request's mean token NLL. Training stops early once that loss is below ``loss_stop``.
+The training loop is the reference's (``execute_ft`` of EasyEdit's ``models/ft/ft_main.py`` and of
+ROME's ``baselines/ft/ft_main.py``): up to ``steps`` epochs; in each, the requests of a call in
+chunks of ``batch_size``, one Adam step per chunk on the mean over its requests of each request's
+mean token NLL, skipped when that loss is below ``loss_stop`` (the reference's hard-coded 1e-2),
+each chunk followed by the clamp; after an epoch, training stops once the mean of the chunk losses
+(weighted by their sizes) is below ``loss_stop``. With one chunk (the default ``batch_size`` 64 and
+the study's one request per call) that is: at most ``steps`` Adam steps, stopping at the first loss
+below ``loss_stop``. ``tests/test_reference_ft.py`` checks the update against the reference's.
+Kept apart from the reference by design (see the comments in ``hparams/ft-l.yaml`` and
+``ft-m.yaml``): padded target tokens are masked by lengths (the reference masks ``unk`` tokens,
+right only where pad = unk), targets are tokenized without special tokens (the reference would score
+a BOS), prompt and target are tokenized apart for FT-M (EasyEdit tokenizes them as one string, the
+same ids for every SmolLM2 fact), only the matrix is trained (the reference's GPT-2 template also
+trains the MLP output bias), and log-probabilities are taken in float32 (the same for float32
+models; the reference uses the model's dtype).
 
 The same training loop (:func:`train_on_edits`) and losses (:func:`edit_loss`) serve the LoRA
 editor (``repro.editors.lora``), which trains a low-rank adapter instead of the matrix itself.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -62,8 +75,8 @@ def edit_loss(lm: LoadedModel, batch: PromptBatch, objective: str) -> torch.Tens
 
 @dataclass
 class TrainLog:
-    steps: int  # optimizer steps taken
-    loss_first: list[float]  # per request, before any step
+    steps: list[int]  # per request: the optimizer steps taken on its chunk
+    loss_first: list[float]  # per request, at its chunk's first evaluation (before any step on it)
     loss_last: list[float]  # per request, after the last step
 
 
@@ -90,44 +103,69 @@ def only_trainable(model: torch.nn.Module, params: Iterable[torch.Tensor]):
 def train_on_edits(
     lm: LoadedModel,
     params: list[torch.Tensor],
-    batch: PromptBatch,
+    batch: PromptBatch | Sequence[PromptBatch],
     objective: str,
     *,
     steps: int,
     lr: float,
     loss_stop: float,
     after_step: Callable[[], None] | None = None,
+    weight_decay: float = 0.0,
 ) -> TrainLog:
-    """Adam on ``params`` (which must require grad) minimising the batch mean of
-    :func:`edit_loss`; ``after_step`` runs under no_grad after each update (e.g. a projection).
-    Stops after ``steps`` updates or once the loss is below ``loss_stop``."""
-    opt = torch.optim.Adam(params, lr=lr)
-    first: list[float] | None = None
-    taken = 0
-    while True:
-        per_row = edit_loss(lm, batch, objective)
-        loss = per_row.mean()
-        values = per_row.detach().cpu().tolist()
-        if first is None:
-            first = values
-        if taken >= steps or loss.item() < loss_stop:
+    """Adam on ``params`` (which must require grad) minimising :func:`edit_loss`, the reference's
+    loop (``execute_ft``): up to ``steps`` epochs over the chunks of ``batch`` (one PromptBatch, or a
+    sequence of them); per chunk, the mean of its rows' losses, an Adam step on it unless that loss
+    is below ``loss_stop``, then ``after_step`` (under no_grad, e.g. a projection; it also runs
+    after a skipped step, as the reference's clamp does). After each epoch, stop once the mean of
+    the chunk losses weighted by their numbers of rows is below ``loss_stop``. With one chunk:
+    stop after ``steps`` updates or at the first loss below ``loss_stop``."""
+    chunks = [batch] if isinstance(batch, PromptBatch) else list(batch)
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    first: list[list[float] | None] = [None] * len(chunks)
+    last: list[list[float] | None] = [None] * len(chunks)
+    taken = [0] * len(chunks)
+    stale = [False] * len(chunks)  # stepped on since its loss was last evaluated
+    for _ in range(steps):
+        total, rows = 0.0, 0
+        for i, chunk in enumerate(chunks):
+            opt.zero_grad(set_to_none=True)
+            per_row = edit_loss(lm, chunk, objective)
+            loss = per_row.mean()
+            values = per_row.detach().cpu().tolist()
+            if first[i] is None:
+                first[i] = values
+            last[i], stale[i] = values, False
+            total += loss.item() * len(values)
+            rows += len(values)
+            if loss.item() >= loss_stop:
+                loss.backward()
+                opt.step()
+                taken[i] += 1
+                stale = [True] * len(chunks)  # the step moved every chunk's loss
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step()
+        if total / rows < loss_stop:
             break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        taken += 1
-        if after_step is not None:
-            with torch.no_grad():
-                after_step()
-    return TrainLog(taken, first, values)
+    with torch.no_grad():
+        for i, chunk in enumerate(chunks):
+            if stale[i] or last[i] is None:
+                last[i] = edit_loss(lm, chunk, objective).cpu().tolist()
+                if first[i] is None:
+                    first[i] = last[i]
+    return TrainLog(
+        [t for t, v in zip(taken, last) for _ in v],
+        [x for v in first for x in v],
+        [x for v in last for x in v],
+    )
 
 
 def request_info(log: TrainLog) -> list[dict[str, Any]]:
     """Per-request diagnostics of one training run (``v_steps`` is the runner's column for the
     number of optimisation steps)."""
     return [
-        {"steps": log.steps, "v_steps": log.steps, "loss_first": a, "loss_last": b}
-        for a, b in zip(log.loss_first, log.loss_last, strict=True)
+        {"steps": n, "v_steps": n, "loss_first": a, "loss_last": b}
+        for n, a, b in zip(log.steps, log.loss_first, log.loss_last, strict=True)
     ]
 
 
@@ -138,10 +176,12 @@ def request_info(log: TrainLog) -> list[dict[str, Any]]:
 class FTHyperParams:
     layer: int
     mtype: str | None = None  # default: the family's MLP output matrix
-    steps: int = 25
+    steps: int = 25  # epochs over the call's requests (the reference's num_steps)
     lr: float = 5e-4
-    loss_stop: float = 1e-2  # stop once the mean target NLL is below this
+    loss_stop: float = 1e-2  # skip a chunk's step below this loss, stop once an epoch's mean is below it
     norm_constraint: float | None = None  # L∞ radius ε around the pre-edit weights; None: none
+    batch_size: int = 64  # requests per Adam step (the reference's chunks; its default is 64)
+    weight_decay: float = 0.0  # Adam's L2 weight decay (the reference's; 0 in every published config)
 
 
 class FTM(Editor):
@@ -159,6 +199,12 @@ class FTM(Editor):
             raise ValueError(f"layer {hparams.layer} outside 0..{lm.n_layers - 1} for {lm.name}")
         if hparams.norm_constraint is not None and hparams.norm_constraint <= 0:
             raise ValueError(f"norm_constraint must be positive or None, not {hparams.norm_constraint}")
+        bs = hparams.batch_size
+        if isinstance(bs, bool) or not isinstance(bs, int) or bs < 1:
+            raise ValueError(f"{self.name} hyperparameter batch_size={bs!r}: must be an integer >= 1")
+        wd = hparams.weight_decay
+        if isinstance(wd, bool) or not isinstance(wd, (int, float)) or not 0 <= wd < float("inf"):
+            raise ValueError(f"{self.name} hyperparameter weight_decay={wd!r}: must be a finite number >= 0")
 
     def edited_matrices(self) -> list[tuple[int, str]]:
         return [(self.hp.layer, self.mtype)]
@@ -176,11 +222,11 @@ class FTM(Editor):
             def after_step():
                 param.copy_(torch.clamp(param, low, high))
 
-        batch = edit_batch(lm, requests)
+        chunks = [edit_batch(lm, requests[i : i + hp.batch_size]) for i in range(0, len(requests), hp.batch_size)]
         with only_trainable(lm.model, [param]):
             log = train_on_edits(
-                lm, [param], batch, self.objective, steps=hp.steps, lr=hp.lr,
-                loss_stop=hp.loss_stop, after_step=after_step,
+                lm, [param], chunks, self.objective, steps=hp.steps, lr=hp.lr,
+                loss_stop=hp.loss_stop, after_step=after_step, weight_decay=hp.weight_decay,
             )
         with torch.no_grad():
             delta = param.detach() - w0

@@ -13,6 +13,7 @@ import torch
 from repro.core.hooks import StopForward, capture, edit_output
 from repro.core.models import LoadedModel
 from repro.core.scoring import PromptBatch, encode_rows, fill, logprobs_at, make_batch, row_nll, target_ids
+from repro.editors.base import EARLY_STOPS, KL_FORMS, MPES_ROWS, WEIGHT_DECAY_FORMS
 from repro.editors.prefix import frozen_prefix, select_rows
 
 
@@ -36,8 +37,11 @@ def context_templates(
 ) -> list[str]:
     """``{}`` plus short model-generated prefixes ("<prefix>. {}"), deterministic for a seed.
 
-    ``lengths`` holds (how many, tokens each). Averaging keys over such prefixes makes the key
-    describe the subject rather than one exact prompt (ROME, Meng et al. 2022).
+    ``lengths`` holds (how many, tokens each): each prefix is sampled (top-5) from one of the start
+    words "The", "Therefore", "Because", "I", "You" in turn, up to that many tokens in all, start
+    word included, as the authors' ``generate_fast(..., max_out_len=length)`` does. Averaging keys
+    over such prefixes makes the key describe the subject rather than one exact prompt (ROME, Meng
+    et al. 2022).
     """
     tok, model = lm.tokenizer, lm.model
     starts = ["The", "Therefore", "Because", "I", "You"]
@@ -48,7 +52,8 @@ def context_templates(
             for i in range(count):
                 enc = tok(starts[i % len(starts)], return_tensors="pt").to(lm.device)
                 gen = model.generate(
-                    **enc, max_new_tokens=n_tokens, do_sample=True, top_k=5,
+                    **enc, max_new_tokens=max(1, n_tokens - enc["input_ids"].shape[1]), do_sample=True, top_k=5,
+                    temperature=1.0, top_p=1.0,  # plain top-5 sampling, whatever the model's generation config
                     pad_token_id=tok.pad_token_id,
                 )
                 text = tok.decode(gen[0], skip_special_tokens=True)
@@ -75,6 +80,20 @@ class SampledPrefixes:
             )
         return self._templates
 
+    def template_groups(self) -> list[tuple[int, int]]:
+        """[start, end) of each kind of template in :attr:`templates`: the plain ``{}``, the short
+        prefixes, the long prefixes (kinds without templates left out). MEMIT's ``compute_ks``
+        averages a key within each kind, then over the kinds."""
+        hp, groups, start = self.hp, [], 0
+        for size in (1, hp.n_prefix_short, hp.n_prefix_long):
+            if size:
+                groups.append((start, start + size))
+                start += size
+        if start != len(self.templates):
+            raise ValueError(f"{len(self.templates)} context templates do not match n_prefix_short="
+                             f"{hp.n_prefix_short} and n_prefix_long={hp.n_prefix_long} (+ the plain one)")
+        return groups
+
     def state_dict(self) -> dict:
         return {"templates": list(self.templates), **super().state_dict()}
 
@@ -84,6 +103,33 @@ class SampledPrefixes:
         super().load_state_dict(state)
         if templates is not None:
             self._templates = list(templates)
+
+
+FORMER_VALUES = ("the package's former value optimisation (weight decay ‖δ‖²/‖v‖², KL(initial‖current) at the "
+                 "prompt's last token, stopping on the NLL alone; other context templates)")
+
+
+def value_form(hparams: dict) -> str | None:
+    """How a run's editor optimised its values, from the hyperparameters its file records: None for
+    an editor without a value optimisation, "published" for the authors' objective and loop, and
+    "former" for the package's first forms (files written before the forms were named record none
+    of them, and were all made with the former ones)."""
+    if "v_steps" not in hparams:
+        return None
+    published = (hparams.get("v_weight_decay_form") == "norm" and hparams.get("kl_form") == "published"
+                 and hparams.get("early_stop") in ("loss", "mpes"))
+    return "published" if published else "former"
+
+
+def value_options(hp) -> dict:
+    """The value-optimisation settings of an editor's hyperparameters, as :func:`optimize_values`
+    takes them (ROME's ``v_*`` names mapped to its own)."""
+    return dict(
+        steps=hp.v_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay, kl_factor=hp.kl_factor,
+        clamp_norm_factor=hp.clamp_norm_factor, nll_stop=hp.nll_stop, early_stop=hp.early_stop,
+        mpes_extra_steps=hp.mpes_extra_steps, loss_stop=hp.loss_stop,
+        weight_decay_form=hp.v_weight_decay_form, kl_form=hp.kl_form, mpes_rows=hp.mpes_rows,
+    )
 
 
 @dataclass
@@ -124,10 +170,14 @@ def optimize_values(
     weight_decay: float,
     kl_factor: float,
     clamp_norm_factor: float,
-    nll_stop: float,
+    nll_stop: float = 0.05,
     kl_template: str = "{} is a",
-    early_stop: str = "nll",
+    early_stop: str = "loss",
     mpes_extra_steps: int = 0,
+    loss_stop: float = 0.05,
+    weight_decay_form: str = "norm",
+    kl_form: str = "published",
+    mpes_rows: str = "prefixed",
     module: torch.nn.Module | None = None,
     reuse_prefix: bool = False,
     max_requests: int | None = None,
@@ -136,15 +186,32 @@ def optimize_values(
     """For each request find v* = v + δ: adding δ to the matrix output at the subject's last token
     makes the model predict the target after every template (mean token NLL), while keeping the
     next-token distribution of ``kl_template`` close (KL) and δ small (weight decay relative to ‖v‖,
-    norm clamp).
+    norm clamp ‖δ‖ ≤ ``clamp_norm_factor``·‖v‖ after every step).
 
     ``module`` is where δ is added (default: the output of matrix ``mtype`` at ``layer``;
     MEMIT-style editors pass the whole decoder layer, so v is the residual stream there).
 
-    Stopping: ``early_stop="nll"`` ends once the mean target NLL is below ``nll_stop`` (checked
-    before the step); ``"mpes"`` is most-probable early stopping (ENCORE, Gupta et al. 2025): end
-    ``mpes_extra_steps`` steps after every target token is the most probable token at its position
-    on every template. Either way at most ``steps`` gradient steps are taken.
+    The defaults are the authors' objective (``compute_v`` of ROME, Meng et al. 2022, and
+    ``compute_z`` of MEMIT and its successors), term for term:
+
+    - loss = mean over templates of the mean target-token NLL
+      + ``kl_factor``·KL(current ‖ initial) of the next-token distribution at the subject's last
+      token of ``kl_template`` + ``weight_decay``·‖δ‖/‖v‖²;
+    - ``early_stop="loss"``: a loop of ``steps`` forward passes that ends, before stepping, once the
+      total loss is below ``loss_stop`` (5e-2 in the authors' code) and takes no step after the last
+      pass (so at most ``steps`` − 1 Adam steps).
+
+    Named deviations, each off by default: ``weight_decay_form="squared"`` (‖δ‖²/‖v‖², the form this
+    package used first), ``kl_form="former"`` (KL(initial ‖ current) at the last token of
+    ``kl_template``), ``early_stop="nll"`` (end once the mean target NLL is below ``nll_stop``,
+    checked before the step, at most ``steps`` Adam steps).
+
+    ``early_stop="mpes"`` is most-probable early stopping (ENCORE, Gupta et al. 2025), on top of the
+    published loop (the ``loss_stop`` break and the last pass without a step stay): a counter adds
+    one at every pass where each target token is the most probable token at its position on every
+    counted template (``mpes_rows="prefixed"``: the templates with a generated prefix, not the plain
+    prompt, as in ENCORE's code; ``"all"``: every template), and the loop ends, before stepping, at
+    the pass where the counter reaches ``mpes_extra_steps`` + 1. The counter is never reset.
 
     All requests are optimised jointly, one forward and one backward pass per step over all their
     prompts: each request has its own δ row, which enters only its own prompts' rows; the loss is
@@ -160,8 +227,11 @@ def optimize_values(
     (:func:`repro.editors.prefix.frozen_prefix`); the result is the same up to float rounding.
     The model's weights get no gradients meanwhile (``requires_grad`` is switched off and back).
     """
-    if early_stop not in ("nll", "mpes"):
-        raise ValueError(f"early_stop must be 'nll' or 'mpes', got {early_stop!r}")
+    for name, value, allowed in (("early_stop", early_stop, EARLY_STOPS),
+                                 ("weight_decay_form", weight_decay_form, WEIGHT_DECAY_FORMS),
+                                 ("kl_form", kl_form, KL_FORMS), ("mpes_rows", mpes_rows, MPES_ROWS)):
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
     size = max_requests or len(requests)
     order = list(range(len(requests)))
     if size < len(requests):  # groups of similar length pad less
@@ -175,7 +245,8 @@ def optimize_values(
                 weight_decay=weight_decay, kl_factor=kl_factor, clamp_norm_factor=clamp_norm_factor,
                 nll_stop=nll_stop, kl_template=kl_template, early_stop=early_stop,
                 mpes_extra_steps=mpes_extra_steps, module=module, reuse_prefix=reuse_prefix,
-                drop_finished=drop_finished,
+                drop_finished=drop_finished, loss_stop=loss_stop, weight_decay_form=weight_decay_form,
+                kl_form=kl_form, mpes_rows=mpes_rows,
             )
             for i, res in zip(group, found, strict=True):
                 out[i] = res
@@ -227,7 +298,7 @@ def _take_rows(batch: PromptBatch, idx: torch.Tensor, length: int) -> PromptBatc
 
 def _optimize_group(lm, layer, mtype, requests, *, steps, lr, weight_decay, kl_factor, clamp_norm_factor,
                     nll_stop, kl_template, early_stop, mpes_extra_steps, module, reuse_prefix,
-                    drop_finished) -> list[ValueResult]:
+                    drop_finished, loss_stop, weight_decay_form, kl_form, mpes_rows) -> list[ValueResult]:
     """:func:`optimize_values` on one batch of requests (see there)."""
     n, dev = len(requests), lm.device
     # each request's rows: its rewrite prompts (with the target), then its KL prompt (no target)
@@ -244,7 +315,8 @@ def _optimize_group(lm, layer, mtype, requests, *, steps, lr, weight_decay, kl_f
     full = encode_rows(lm, texts, targets, spans)
     kl_rows = torch.tensor([s + r - 1 for s, r in zip(starts, n_rows)], device=dev)
     full_positions = full.loss_pos.clone()
-    full_positions[kl_rows, 0] = full.last_idx[kl_rows]
+    # the KL is read at the subject's last token of the KL prompt (published) or at its last token
+    full_positions[kl_rows, 0] = (full.subject_idx if kl_form == "published" else full.last_idx)[kl_rows]
     module = module if module is not None else lm.spec.matrix_module(lm.model, layer, mtype)
     d_out = lm.spec.weight(lm.model, layer, mtype).shape[0]
     # one δ per request (an (n, d) matrix split into rows): Adam is element-wise, and a row that gets
@@ -301,35 +373,42 @@ def _optimize_group(lm, layer, mtype, requests, *, steps, lr, weight_decay, kl_f
                               kl_factor=kl_factor, weight_decay=weight_decay,
                               clamp_norm_factor=clamp_norm_factor, nll_stop=nll_stop,
                               early_stop=early_stop, mpes_extra_steps=mpes_extra_steps,
-                              drop_finished=drop_finished)
+                              drop_finished=drop_finished, loss_stop=loss_stop,
+                              weight_decay_form=weight_decay_form, kl_form=kl_form,
+                              mpes_from=1 if mpes_rows == "prefixed" else 0)
     v_init = state["v_init"]
     return [ValueResult(v_init[i] + deltas[i].detach(), v_init[i].clone(), *done[i]) for i in range(n)]
 
 
 def _optimize_loop(lm, module, add_delta, deltas, opt, state, rows_of, *, steps, kl_factor, weight_decay,
-                   clamp_norm_factor, nll_stop, early_stop, mpes_extra_steps, drop_finished):
-    """The Adam steps of :func:`_optimize_group`; returns (steps, nll_first, nll_last) per request."""
+                   clamp_norm_factor, nll_stop, early_stop, mpes_extra_steps, drop_finished, loss_stop,
+                   weight_decay_form, kl_form, mpes_from):
+    """The Adam steps of :func:`_optimize_group`; returns (passes, nll_first, nll_last) per request,
+    passes being the forward passes it took part in before it stopped."""
     n = len(deltas)
     kl_ref: dict[int, torch.Tensor] = {}
     nll_first = [float("nan")] * n
     nll_last = [float("nan")] * n
     taken = [steps] * n  # forward passes until stopping (``steps`` if it never stopped)
-    top1_since: list[int | None] = [None] * n  # first step at which MPES's condition held
+    top1_count = [0] * n  # MPES: passes at which every counted target token was the most probable
     stopped: set[int] = state["stopped"]
+    published_loop = early_stop != "nll"  # the authors' loop: no step after the last pass
     for step in range(steps):
         rows: _Rows = state["rows"]
         opt.zero_grad()
         with edit_output(module, add_delta):
             logp = logprobs_at(lm, rows.batch, rows.positions)
         b = rows.batch
-        losses, nll_ts, going = [], [], []
-        for a, kl_row in rows.spans:
-            nll_ts.append(row_nll(logp[a:kl_row], b.labels[a:kl_row], b.label_mask[a:kl_row]).mean())
+        nll_ts = [row_nll(logp[a:kl_row], b.labels[a:kl_row], b.label_mask[a:kl_row]).mean()
+                  for a, kl_row in rows.spans]
         nlls = torch.stack(nll_ts).tolist()
         if early_stop == "mpes":
             with torch.no_grad():
                 hit = ((logp.argmax(-1) == b.labels) | (b.label_mask == 0)).all(1)
-                all_top1 = [bool(hit[a:kl_row].all()) for a, kl_row in rows.spans]
+                # the counted rewrite rows: the prefixed templates (or all, with one template only)
+                all_top1 = [bool(hit[a + mpes_from if kl_row - a > mpes_from else a:kl_row].all())
+                            for a, kl_row in rows.spans]
+        losses, going = [], []
         for k, (i, (a, kl_row)) in enumerate(zip(rows.active, rows.spans)):
             if i in stopped:  # only with drop_finished=False: its rows still run, frozen
                 continue
@@ -338,26 +417,34 @@ def _optimize_loop(lm, module, add_delta, deltas, opt, state, rows_of, *, steps,
                 kl_ref[i] = kl_lp.detach()
                 nll_first[i] = nlls[k]
             nll_last[i] = nlls[k]
-            if early_stop == "nll":
-                stop = nlls[k] < nll_stop
-            else:
-                if all_top1[k] and top1_since[i] is None:
-                    top1_since[i] = step
-                stop = top1_since[i] is not None and step - top1_since[i] >= mpes_extra_steps
-            if stop:
+            if early_stop == "nll" and nlls[k] < nll_stop:  # the former rule: NLL alone, before the loss
                 taken[i] = step + 1
                 stopped.add(i)
                 continue
-            kl = torch.nn.functional.kl_div(kl_lp, kl_ref[i], log_target=True, reduction="batchmean")
+            if kl_form == "published":  # KL(current ‖ initial)
+                kl = torch.nn.functional.kl_div(kl_ref[i], kl_lp, log_target=True, reduction="batchmean")
+            else:  # KL(initial ‖ current)
+                kl = torch.nn.functional.kl_div(kl_lp, kl_ref[i], log_target=True, reduction="batchmean")
             v_norm = state["v_init"][i].norm()
-            losses.append(nll_ts[k] + kl_factor * kl + weight_decay * deltas[i].norm() ** 2 / v_norm**2)
+            d_norm = deltas[i].norm()
+            decay = d_norm / v_norm**2 if weight_decay_form == "norm" else d_norm**2 / v_norm**2
+            loss = nll_ts[k] + kl_factor * kl + weight_decay * decay
+            if published_loop:
+                if early_stop == "mpes" and all_top1[k]:
+                    top1_count[i] += 1
+                if (float(loss.detach()) < loss_stop or step == steps - 1
+                        or (early_stop == "mpes" and top1_count[i] > mpes_extra_steps)):
+                    taken[i] = step + 1
+                    stopped.add(i)
+                    continue
+            losses.append(loss)
             going.append(i)
         if not going:
             break
-        loss = losses[0]
+        total = losses[0]
         for extra in losses[1:]:
-            loss = loss + extra
-        loss.backward()
+            total = total + extra
+        total.backward()
         for i in stopped:  # no gradient at all (not a zero one): Adam leaves the parameter alone
             deltas[i].grad = None
         opt.step()

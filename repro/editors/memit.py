@@ -11,7 +11,7 @@ All four share one procedure and differ only in the closed-form update of each l
    optimised jointly, one forward/backward pass per step (``batch_values``); each request's z is
    the one it would get alone, up to float rounding.
 2. For each edited layer l in order: the keys K (matrix input at the subject's last token,
-   averaged over random prefixes) under the current weights, the current output h_L on the plain
+   averaged within each kind of template, then over the kinds) under the current weights, the current output h_L on the plain
    prompts, the residual R = (z − h_L) / (number of layers left), and ΔW_l from (R, K) and the
    layer's statistics; ΔW_l is applied before the next layer's keys are read.
 
@@ -23,8 +23,8 @@ All four share one procedure and differ only in the closed-form update of each l
    Gemma-3-270M had norms of 390-2,900 against 1.2-2.8 with it (``data/runs/tuning/gemma_memit_*.nc``).
 
 State carried between sequential calls lives on the editor object and is saved with
-:meth:`state_dict`. AlphaEdit and ENCORE need earlier edits' keys K_p only through their Gram
-matrix K_p K_pᵀ, so that is what they keep: a running float64 sum over calls (``prev_gram``), of
+:meth:`state_dict`. AlphaEdit, ENCORE, and MEMIT and EMMET with ``prev_keys``, need earlier edits'
+keys K_p only through their Gram matrix K_p K_pᵀ, so that is what they keep: a running float64 sum over calls (``prev_gram``), of
 constant size (d_in² per edited matrix) however many edits came before, saved as its upper
 triangle. It equals the product of all kept keys up to float64 summation order. States written
 when the keys themselves were kept (``prev_keys``) load into it.
@@ -43,7 +43,8 @@ from repro.editors.base import Editor, EditResult, Request
 from repro.editors.linalg import (alphaedit_update, emmet_update, memit_update, null_space_projector, pack_symmetric,
                                   threshold_from_spectrum, unpack_symmetric)
 from repro.core.scoring import encode_rows, fill
-from repro.editors.locate import SampledPrefixes, ValueRequest, ValueResult, optimize_values, subject_keys
+from repro.editors.locate import (SampledPrefixes, ValueRequest, ValueResult, optimize_values, subject_keys,
+                                  value_options)
 
 
 @dataclass
@@ -56,9 +57,15 @@ class MEMITHyperParams:
     v_weight_decay: float = 0.5
     kl_factor: float = 0.0625
     clamp_norm_factor: float = 0.75  # relative to ‖h_L‖ (the residual stream), not ‖v‖ as in ROME
-    nll_stop: float = 0.05
-    early_stop: str = "nll"  # or "mpes" (most-probable early stopping)
+    # the value optimisation's stopping rule and forms (locate.optimize_values): the defaults are the
+    # authors' compute_z; "nll", "squared" and "former" are this package's first forms, kept as options
+    early_stop: str = "loss"  # "loss" (total loss < loss_stop, published), "nll" or "mpes"
+    loss_stop: float = 0.05
+    nll_stop: float = 0.05  # threshold of early_stop="nll"
+    v_weight_decay_form: str = "norm"  # ‖δ‖/‖h‖² (published) or "squared": ‖δ‖²/‖h‖²
+    kl_form: str = "published"  # KL(current‖initial) at the subject's last token, or "former"
     mpes_extra_steps: int = 0
+    mpes_rows: str = "prefixed"  # MPES counts the prefixed templates (ENCORE's code) or "all"
     reuse_prefix: bool = True  # compute the frozen layers below the edit once per optimisation
     # optimise the z of all requests of a call jointly, one forward/backward pass per step (same
     # results up to float rounding; locate.optimize_values); False: one request after another;
@@ -67,8 +74,15 @@ class MEMITHyperParams:
     # benchmarks/results/edit_speed_batched_smollm2-135m.txt)
     batch_values: bool | str = "auto"
     batch_values_max: int = 16  # requests per joint pass at most (activations: ~0.4 GB each on SmolLM2-135M)
-    n_prefix_short: int = 5
+    # context templates: "{}" and 5 prefixes of ≤10 generated tokens (MEMIT's get_context_templates)
+    n_prefix_short: int = 0
     n_prefix_long: int = 5
+    # a key is averaged within each kind of template, then over the kinds (MEMIT's compute_ks:
+    # ½ plain + ½ mean of the prefixed); "flat": one mean over all templates (this package's first form)
+    key_average: str = "by_type"
+    # add earlier edits' keys K_p K_pᵀ to the preserved term, as ENCORE's repository runs MEMIT and
+    # EMMET in sequence (add_prev_edits); off in the original MEMIT and EMMET
+    prev_keys: bool = False
     stats_corpus: str = "wiki_train"
     stats_tokens: int = 100_000
     seed: int = 0
@@ -79,7 +93,8 @@ class MEMITHyperParams:
 
 @dataclass
 class EMMETHyperParams(MEMITHyperParams):
-    eta: float = 0.1  # relaxation of the equality constraints, in units of Kᵀ C⁻¹ K (≈ d_in per key)
+    # η (the authors' emmet_lambda): ridge on D = Kᵀ (λ C)⁻¹ K, added for batches of more than one edit
+    eta: float = 0.1
 
 
 @dataclass
@@ -96,6 +111,7 @@ class ENCOREHyperParams(MEMITHyperParams):
     norm_weight: float = 1.0  # λ_n: penalty λ_n ‖ΔW‖² on every update
     early_stop: str = "mpes"
     mpes_extra_steps: int = 2
+    prev_keys: bool = True  # ENCORE's repository keeps earlier edits' keys (add_prev_edits)
 
 
 def norm_preimage(norm: torch.nn.Module, x0: torch.Tensor, target: torch.Tensor, steps: int = 30,
@@ -136,7 +152,11 @@ class MEMIT(SampledPrefixes, Editor):
 
     name = "memit"
     hparams_class = MEMITHyperParams
-    keeps_keys = False  # whether earlier edits' keys are carried into later updates
+
+    @property
+    def keeps_keys(self) -> bool:
+        """Whether earlier edits' keys are carried into later updates (``prev_keys``)."""
+        return bool(self.hp.prev_keys)
 
     def __init__(self, lm: LoadedModel, hparams: MEMITHyperParams):
         super().__init__(lm, hparams)
@@ -232,11 +252,14 @@ class MEMIT(SampledPrefixes, Editor):
         return torch.stack(cols, 1)
 
     def _keys(self, layer: int, requests: list[Request]) -> torch.Tensor:
-        """Prefix-averaged keys of the edited matrix at ``layer``, (d_in, n)."""
+        """Prefix-averaged keys of the edited matrix at ``layer``, (d_in, n): by default averaged
+        within each kind of template, then over the kinds, as MEMIT's ``compute_ks`` (``key_average``)."""
+        groups = self.template_groups() if self.hp.key_average == "by_type" else [(0, len(self.templates))]
         cols = []
         for req in requests:
             prompts = [t.replace("{}", req.prompt) for t in self.templates]
-            cols.append(subject_keys(self.lm, layer, self.mtype, prompts, req.subject).double().mean(0))
+            keys = subject_keys(self.lm, layer, self.mtype, prompts, req.subject).double()
+            cols.append(torch.stack([keys[a:b].mean(0) for a, b in groups]).mean(0))
         return torch.stack(cols, 1)
 
     def _remember(self, layer: int, K: torch.Tensor) -> None:
@@ -246,8 +269,8 @@ class MEMIT(SampledPrefixes, Editor):
             self.prev_gram[layer] = K64 @ K64.T if old is None else old + K64 @ K64.T
 
     def update(self, layer: int, R: torch.Tensor, K: torch.Tensor) -> torch.Tensor:
-        """The closed-form ΔW of one layer (d_out, d_in), float64."""
-        return memit_update(R, K, self.C(layer), self.hp.mom2_weight)
+        """The closed-form ΔW of one layer (d_out, d_in), float64: R Kᵀ (λ C [+ K_p K_pᵀ] + K Kᵀ)⁻¹."""
+        return memit_update(R, K, self.C(layer), self.hp.mom2_weight, extra=self.prev_gram.get(layer))
 
     def values(self, requests: list[Request]) -> list[ValueResult]:
         """Step 1: the z (v*) of each request at the last edited layer, all requests optimised
@@ -257,11 +280,7 @@ class MEMIT(SampledPrefixes, Editor):
         last = self.layers[-1]
         value_reqs = [ValueRequest([p.replace("{}", r.prompt) for p in self.templates], r.subject, r.target_new)
                       for r in requests]
-        options = dict(
-            steps=hp.v_steps, lr=hp.v_lr, weight_decay=hp.v_weight_decay, kl_factor=hp.kl_factor,
-            clamp_norm_factor=hp.clamp_norm_factor, nll_stop=hp.nll_stop, early_stop=hp.early_stop,
-            mpes_extra_steps=hp.mpes_extra_steps, reuse_prefix=hp.reuse_prefix, module=self._layer_module(last),
-        )
+        options = dict(value_options(hp), reuse_prefix=hp.reuse_prefix, module=self._layer_module(last))
         joint = hp.batch_values
         if joint == "auto":
             joint = lm.device.type != "cpu"
@@ -309,13 +328,18 @@ class MEMIT(SampledPrefixes, Editor):
 
 
 class EMMET(MEMIT):
-    """EMMET: equality-constrained batch update ΔW_l = R (Kᵀ C⁻¹ K + η I)⁻¹ Kᵀ C⁻¹."""
+    """EMMET: equality-constrained batch update ΔW_l = R (Kᵀ A⁻¹ K + η I)⁻¹ Kᵀ A⁻¹ with
+    A = λ C [+ K_p K_pᵀ], η only for batches of more than one edit (the authors' emmet_main)."""
 
     name = "emmet"
     hparams_class = EMMETHyperParams
 
     def update(self, layer, R, K):
-        return emmet_update(R, K, self.C(layer), self.hp.eta)
+        A = self.hp.mom2_weight * self.C(layer).double()
+        prev = self.prev_gram.get(layer)
+        if prev is not None:
+            A = A + prev
+        return emmet_update(R, K, A, self.hp.eta if K.shape[1] > 1 else 0.0)
 
 
 class AlphaEdit(MEMIT):
@@ -324,7 +348,7 @@ class AlphaEdit(MEMIT):
 
     name = "alphaedit"
     hparams_class = AlphaEditHyperParams
-    keeps_keys = True
+    keeps_keys = True  # part of the algorithm (its K_p K_pᵀ term), whatever ``prev_keys`` says
 
     def __init__(self, lm, hparams):
         super().__init__(lm, hparams)
@@ -347,12 +371,11 @@ class AlphaEdit(MEMIT):
 
 class ENCORE(MEMIT):
     """ENCORE: MEMIT with most-probable early stopping of the z optimisation and a norm penalty
-    λ_n I added to the preserved term, which also keeps earlier edits' keys:
-    ΔW_l = R Kᵀ (λ C + K_p K_pᵀ + λ_n I + K Kᵀ)⁻¹."""
+    λ_n I added to the preserved term, which also keeps earlier edits' keys (``prev_keys``, on by
+    default as in ENCORE's repository): ΔW_l = R Kᵀ (λ C + K_p K_pᵀ + λ_n I + K Kᵀ)⁻¹."""
 
     name = "encore"
     hparams_class = ENCOREHyperParams
-    keeps_keys = True
 
     def update(self, layer, R, K):
         C = self.C(layer)

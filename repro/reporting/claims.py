@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import xarray as xr
 
-from repro.reporting.tables import (crossing_edit, display_name, edited_norms, ends_above, growth_at,
+from repro.reporting.tables import (crossing_edit, display_name, edited_norms, ends_above, former_values, growth_at,
                                     is_default_model, model_name, remedy_pair, remedy_pairs, run_batch, run_model,
                                     started_above)
 
@@ -88,13 +88,31 @@ def _frame(rows: list[dict], tests: tuple[str, ...] = ()):
     return table
 
 
+FORMER_MARK = "†"  # after the label of a run made with the former value optimisation
+
+
 def run_label(ds: xr.Dataset) -> str:
     """A short name of an editing run: editor, edits, batch size when above 1 (e.g. "MEMIT 100×10"),
-    and the model when it is not the default one (e.g. "ROME 1,000, Gemma-3-270M")."""
+    the model when it is not the default one (e.g. "ROME 1,000, Gemma-3-270M"), and
+    :data:`FORMER_MARK` when its editor optimised its values in the package's former form."""
     batch = run_batch(ds, missing_ok=True)
     model = run_model(ds)
     return (f"{_editor(ds)} {int(ds.sizes['edit']):,}" + (f"×{batch}" if batch > 1 else "")
-            + ("" if is_default_model(model) else f", {model_name(model)}"))
+            + ("" if is_default_model(model) else f", {model_name(model)}")
+            + (FORMER_MARK if former_values(ds) else ""))
+
+
+def former_note(runs: dict) -> str:
+    """Which of ``runs`` (id -> (Dataset, path)) were made with the former value optimisation,
+    as a sentence for the pages that judge or draw them ("" when none)."""
+    from repro.editors.locate import FORMER_VALUES
+
+    former = [run_label(ds) for ds, _ in runs.values() if former_values(ds)]
+    if not former:
+        return ""
+    return (f"{FORMER_MARK} {len(former)} of these {len(runs)} runs were made with {FORMER_VALUES}, "
+            f"not the authors' form that the editors now use by default: {', '.join(former)}. "
+            "Their numbers stand for that variant until each is rerun.")
 
 
 def growth(ds: xr.Dataset) -> float:

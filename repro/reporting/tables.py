@@ -136,12 +136,24 @@ def provenance_lines(ds: xr.Dataset, path) -> str:
         f"git: {ds.attrs.get('git_sha', '?')}  device: {ds.attrs.get('device', '?')}  "
         f"created: {ds.attrs.get('created_utc', '?')}  wall time: {ds.attrs.get('wall_time_s', '?')} s",
     ]
+    if former_values(ds):
+        from repro.editors.locate import FORMER_VALUES
+
+        lines.append(f"value optimisation: made with {FORMER_VALUES}, not the authors' form")
     stretches = _segments(ds)
     if stretches:  # a run made in stretches: where each began and ran (and on how many threads)
         lines.append("stretches (from edit, device, git): " + "; ".join(
             f"{'?' if s < 0 else s + 1}, {d}{threads_note(t)}, {g[:12]}"
             for s, d, g, t in stretches))
     return "\n".join(lines)
+
+
+def former_values(ds: xr.Dataset) -> bool:
+    """Whether a run's editor optimised its values in the package's former form
+    (:func:`repro.editors.locate.value_form`): such a run awaits its rerun with the published form."""
+    from repro.editors.locate import value_form
+
+    return value_form(json.loads(ds.attrs.get("hparams", "{}"))) == "former"
 
 
 def display_name(editor: str) -> str:
