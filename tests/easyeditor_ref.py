@@ -148,3 +148,42 @@ def reference_run(lm, moments: dict[str, torch.Tensor]):
             yield
     finally:
         tok.padding_side = side
+
+
+# module names the wheel's hyperparameters take, per family
+MODULES = {
+    "llama": dict(rewrite_module_tmp="model.layers.{}.mlp.down_proj", mlp_module_tmp="model.layers.{}.mlp",
+                  layer_module_tmp="model.layers.{}", attn_module_tmp="model.layers.{}.self_attn",
+                  ln_f_module="model.norm", lm_head_module="lm_head"),
+    "gpt2": dict(rewrite_module_tmp="transformer.h.{}.mlp.c_proj", mlp_module_tmp="transformer.h.{}.mlp",
+                 layer_module_tmp="transformer.h.{}", attn_module_tmp="transformer.h.{}.attn",
+                 ln_f_module="transformer.ln_f", lm_head_module="lm_head"),
+}
+
+
+def weight_change(lm, layer: int, mtype: str, edit) -> torch.Tensor:
+    """ΔW (as stored) that ``edit()`` makes to the matrix, which is put back afterwards."""
+    W = lm.spec.weight(lm.model, layer, mtype)
+    before = W.detach().clone()
+    edit()
+    delta = (W.detach() - before).double()
+    with torch.no_grad():
+        W.copy_(before)
+    return delta
+
+
+def agreement(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
+    """(cosine of the two updates, |‖ours‖ − ‖theirs‖| / ‖theirs‖)."""
+    cos = float(torch.nn.functional.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0))
+    rel = float((ours.norm() - theirs.norm()).abs() / theirs.norm())
+    return cos, rel
+
+
+def assert_agree(ours, theirs, what: str, tolerance: dict) -> tuple[float, float]:
+    """The two updates agree within ``tolerance`` ({"cos": bound on 1 − cos, "rel": on the relative
+    norm difference}); the reference must have written one."""
+    assert theirs.norm() > 0, f"{what}: the reference wrote no update"
+    cos, rel = agreement(ours, theirs)
+    assert 1 - cos < tolerance["cos"] and rel < tolerance["rel"], \
+        f"{what}: 1 - cos {1 - cos:.2e}, rel. norm diff {rel:.2e}"
+    return cos, rel

@@ -60,14 +60,25 @@ def test_every_cell_loads_its_published_settings_on_the_architecture(tiny_lm, pa
     made = {e: make_editor(e, lm) for e in editors}
     assert all(made[e].edited_matrices() for e in editors)
     published = {  # spot checks against the cited files
-        "gpt2-xl": {"rome": ("layer", 17), "memit": ("mom2_weight", 20000.0), "encore": ("norm_weight", 10.0),
-                    "alphaedit": ("null_threshold", 0.02), "ft-l": ("norm_constraint", 5e-4)},
-        "EleutherAI/gpt-j-6b": {"rome": ("layer", 5), "emmet": ("mom2_weight", 100000.0), "ft-l": ("norm_constraint", 5e-5)},
-        "meta-llama/Meta-Llama-3-8B": {"rome": ("v_weight_decay", 0.001), "encore": ("mpes_extra_steps", 1),
-                                       "alphaedit": ("v_lr", 0.1)},
+        "gpt2-xl": {"rome": [("layer", 17), ("n_prefix_short", 10), ("n_prefix_long", 10)],
+                    "memit": [("mom2_weight", 20000.0), ("prev_keys", False), ("n_prefix_long", 5)],
+                    "encore": [("norm_weight", 10.0), ("prev_keys", True)],
+                    "emmet": [("mom2_weight", 10000.0), ("prev_keys", True)],
+                    "alphaedit": [("null_threshold", 0.02)], "ft-l": [("norm_constraint", 5e-4)],
+                    "ft-m": [("norm_constraint", 5e-4)]},
+        "EleutherAI/gpt-j-6b": {"rome": [("layer", 5)], "emmet": [("mom2_weight", 100000.0), ("prev_keys", True)],
+                                "ft-l": [("norm_constraint", 5e-5)], "ft-m": [("norm_constraint", None)]},
+        "meta-llama/Meta-Llama-3-8B": {"rome": [("v_weight_decay", 0.001), ("mom2_adjustment", False)],
+                                       "encore": [("mpes_extra_steps", 1)], "alphaedit": [("v_lr", 0.1)],
+                                       "memit": [("prev_keys", True)]},
     }[model]
-    for editor, (field, value) in published.items():
-        assert getattr(made[editor].hp, field) == value, (model, editor, field)
+    for editor, checks in published.items():
+        for field, value in checks:
+            assert getattr(made[editor].hp, field) == value, (model, editor, field)
+        # every value optimisation in the profile is the published one
+        if hasattr(made[editor].hp, "v_weight_decay_form"):
+            hp = made[editor].hp
+            assert (hp.v_weight_decay_form, hp.kl_form) == ("norm", "published"), (model, editor)
 
 
 @pytest.mark.parametrize("model", sorted(PAPER_MODELS))

@@ -41,15 +41,8 @@ REQUESTS = [
 # agreement the tests require: cosine of the two ΔW and |‖ΔW‖ − ‖ΔW_ref‖| / ‖ΔW_ref‖
 TOLERANCE = {"cos": 1e-6, "rel": 1e-4}
 
-# module names the wheel's hyperparameters need, per family
-MODULES = {
-    "llama": dict(rewrite_module_tmp="model.layers.{}.mlp.down_proj", mlp_module_tmp="model.layers.{}.mlp",
-                  layer_module_tmp="model.layers.{}", attn_module_tmp="model.layers.{}.self_attn",
-                  ln_f_module="model.norm", lm_head_module="model.embed_tokens"),
-    "gpt2": dict(rewrite_module_tmp="transformer.h.{}.mlp.c_proj", mlp_module_tmp="transformer.h.{}.mlp",
-                 layer_module_tmp="transformer.h.{}", attn_module_tmp="transformer.h.{}.attn",
-                 ln_f_module="transformer.ln_f", lm_head_module="transformer.wte"),
-}
+# where a family's unembedding lives when it is tied to the input embedding (no own lm_head weight)
+TIED = {"llama": "model.embed_tokens", "gpt2": "transformer.wte"}
 VALUE = dict(v_lr=0.5, v_weight_decay=0.5, kl_factor=0.0625)
 
 
@@ -66,38 +59,18 @@ def wheel_request(i: int) -> dict:
 def lm_head(lm) -> str:
     """The unembedding the wheel reads its logits from (the tied embedding where there is no own lm_head)."""
     names = dict(lm.model.named_parameters())
-    return "lm_head" if "lm_head.weight" in names else MODULES[lm.spec.family]["lm_head_module"]
+    return "lm_head" if "lm_head.weight" in names else TIED[lm.spec.family]
 
 
 def wheel_hparams(cls, lm, **fields):
-    modules = dict(MODULES[lm.spec.family], lm_head_module=lm_head(lm))
+    modules = dict(ref.MODULES[lm.spec.family], lm_head_module=lm_head(lm))
     return cls(alg_name=cls.__name__.removesuffix("HyperParams"), fact_token="subject_last", v_loss_layer=lm.n_layers - 1, mom2_dataset="wikipedia",
                mom2_n_samples=0, mom2_dtype="float32", device=0, model_name=lm.name, stats_dir="",
                **modules, **VALUE, **fields)
 
 
-def weight_change(lm, layer: int, mtype: str, edit) -> torch.Tensor:
-    """ΔW (out, in) that ``edit()`` makes to the matrix, which is put back afterwards."""
-    W = lm.spec.weight(lm.model, layer, mtype)
-    before = W.detach().clone()
-    edit()
-    delta = (W.detach() - before).double()
-    with torch.no_grad():
-        W.copy_(before)
-    return delta
-
-
-def agreement(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
-    cos = float(torch.nn.functional.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0))
-    rel = float((ours.norm() - theirs.norm()).abs() / theirs.norm())
-    return cos, rel
-
-
 def assert_agree(ours, theirs, what: str):
-    cos, rel = agreement(ours, theirs)
-    assert theirs.norm() > 0, f"{what}: the reference wrote no update"
-    assert 1 - cos < TOLERANCE["cos"] and rel < TOLERANCE["rel"], f"{what}: cos {cos:.8f}, rel. norm diff {rel:.2e}"
-    return cos, rel
+    return ref.assert_agree(ours, theirs, what, TOLERANCE)
 
 
 # -- ROME ------------------------------------------------------------------------------------
@@ -115,9 +88,9 @@ def rome_pair(lm, layer: int, stats_tokens: int, indices, steps: int = 20):
     pairs = []
     try:
         for i in indices:
-            ours = weight_change(lm, layer, mtype, lambda: editor.apply([request(i)]))
-            with ref.reference_run(lm, {MODULES[lm.spec.family]["rewrite_module_tmp"].format(layer): C}):
-                theirs = weight_change(lm, layer, mtype,
+            ours = ref.weight_change(lm, layer, mtype, lambda: editor.apply([request(i)]))
+            with ref.reference_run(lm, {ref.MODULES[lm.spec.family]["rewrite_module_tmp"].format(layer): C}):
+                theirs = ref.weight_change(lm, layer, mtype,
                                        lambda: rome_main.apply_rome_to_model(lm.model, lm.tokenizer, [wheel_request(i)], hp))
             pairs.append((ours, theirs))
     finally:
@@ -147,7 +120,7 @@ def memit_pair(lm, layers: list[int], stats_tokens: int, batches: list[list[int]
     editor = make_editor("memit", lm, layers=layers, v_steps=steps, stats_tokens=stats_tokens,
                          mom2_weight=mom2_weight, batch_values=False)
     mtype = editor.mtype
-    moments = {MODULES[lm.spec.family]["rewrite_module_tmp"].format(l): editor.C(l) for l in layers}
+    moments = {ref.MODULES[lm.spec.family]["rewrite_module_tmp"].format(l): editor.C(l) for l in layers}
     hp = wheel_hparams(MEMITHyperParams, lm, layers=layers, layer_selection="all", v_num_grad_steps=steps,
                        clamp_norm_factor=0.75, mom2_adjustment=True, mom2_update_weight=mom2_weight)
     templates = editor.templates  # "{}" + 5 prefixes of ≤10 tokens

@@ -73,15 +73,8 @@ SINGLE = [
 # agreement the tests require: 1 − cosine of the two ΔW, and |‖ΔW‖ − ‖ΔW_ref‖| / ‖ΔW_ref‖
 TOLERANCE = {"cos": 1e-6, "rel": 1e-5}
 
-# module names the wheel's hyperparameters need, per family (the rewritten one names the weight)
-MODULES = {
-    "llama": dict(rewrite_module_tmp="model.layers.{}.mlp.down_proj.weight", mlp_module_tmp="model.layers.{}.mlp",
-                  layer_module_tmp="model.layers.{}", attn_module_tmp="model.layers.{}.self_attn",
-                  ln_f_module="model.norm", lm_head_module="lm_head"),
-    "gpt2": dict(rewrite_module_tmp="transformer.h.{}.mlp.c_proj.weight", mlp_module_tmp="transformer.h.{}.mlp",
-                 layer_module_tmp="transformer.h.{}", attn_module_tmp="transformer.h.{}.attn",
-                 ln_f_module="transformer.ln_f", lm_head_module="lm_head"),
-}
+# the wheel's FT trains every parameter whose name contains the template: name the weight alone
+MODULES = {family: dict(m, rewrite_module_tmp=m["rewrite_module_tmp"] + ".weight") for family, m in ref.MODULES.items()}
 
 
 def reference():
@@ -104,17 +97,6 @@ def pad_is_unk(tok):
         tok.pad_token = pad
 
 
-def weight_change(lm, layer: int, edit) -> torch.Tensor:
-    """ΔW that ``edit()`` makes to the edited matrix (as stored), which is put back afterwards."""
-    W = lm.spec.weight(lm.model, layer, lm.spec.mlp_out)
-    before = W.detach().clone()
-    edit()
-    delta = (W.detach() - before).double()
-    with torch.no_grad():
-        W.copy_(before)
-    return delta
-
-
 def ft_pair(lm, key: str, rows, *, layer: int, steps: int, lr: float, batch_size: int,
             norm_constraint: float | None = None, objective: str = "prompt_last"):
     """(package ΔW, reference ΔW, package's per-request info) of one call with ``rows``, each from
@@ -131,24 +113,15 @@ def ft_pair(lm, key: str, rows, *, layer: int, steps: int, lr: float, batch_size
                        **MODULES[lm.spec.family], **fields)
     info = []
     with pad_is_unk(lm.tokenizer):
-        ours = weight_change(lm, layer, lambda: info.extend(editor.apply(requests).info))
+        ours = ref.weight_change(lm, layer, lm.spec.mlp_out, lambda: info.extend(editor.apply(requests).info))
         with ref.reference_run(lm, {}):
-            theirs = weight_change(
-                lm, layer, lambda: ft_main.apply_ft_to_model(lm.model, lm.tokenizer, wheel_requests, hp))
+            theirs = ref.weight_change(
+                lm, layer, lm.spec.mlp_out, lambda: ft_main.apply_ft_to_model(lm.model, lm.tokenizer, wheel_requests, hp))
     return ours, theirs, info
 
 
-def agreement(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[float, float]:
-    cos = float(torch.nn.functional.cosine_similarity(ours.flatten(), theirs.flatten(), dim=0))
-    rel = float((ours.norm() - theirs.norm()).abs() / theirs.norm())
-    return cos, rel
-
-
 def assert_agree(ours, theirs, what: str):
-    assert theirs.norm() > 0, f"{what}: the reference wrote no update"
-    cos, rel = agreement(ours, theirs)
-    assert 1 - cos < TOLERANCE["cos"] and rel < TOLERANCE["rel"], f"{what}: 1 - cos {1 - cos:.2e}, rel. norm diff {rel:.2e}"
-    return cos, rel
+    return ref.assert_agree(ours, theirs, what, TOLERANCE)
 
 
 # -- SmolLM2-135M ------------------------------------------------------------------------------
