@@ -166,3 +166,23 @@ def test_rome_family_update_is_the_papers(tiny, name):
     expected = torch.outer(info["v_star"].double() - W0 @ k, u) / (u @ k)
     close(result.deltas[f"1:{editor.mtype}"].double(), expected, name, tol=1e-6)  # applied in float32
     close((W0 + expected) @ k, info["v_star"].double(), f"{name} maps its key to v*")
+
+
+def test_memit_keys_are_averaged_per_kind_of_template(tiny):
+    """MEMIT's compute_ks: a key is the mean over the kinds of template of each kind's mean key,
+    i.e. ½ k(plain) + ½ mean(k(prefixed)) with the published templates; ``key_average: flat`` is one
+    mean over all. Templates that do not match the settings' counts are refused, not averaged."""
+    from repro.editors.locate import subject_keys
+
+    editor = make_editor("memit", tiny, **TINY)  # "{}" + 5 prefixes of ≤10 tokens
+    assert len(editor.templates) == 6 and editor.template_groups() == [(0, 1), (1, 6)]
+    req = BATCHES[0][0]
+    prompts = [t.replace("{}", req.prompt) for t in editor.templates]
+    keys = subject_keys(tiny, 1, editor.mtype, prompts, req.subject).double()
+    close(editor._keys(1, [req])[:, 0], 0.5 * keys[0] + 0.5 * keys[1:].mean(0), "per kind")
+    flat = make_editor("memit", tiny, **TINY, key_average="flat")
+    flat._templates = editor.templates
+    close(flat._keys(1, [req])[:, 0], keys.mean(0), "flat")
+    editor._templates = editor.templates[:3]
+    with pytest.raises(ValueError, match="3 context templates do not match"):
+        editor._keys(1, [req])

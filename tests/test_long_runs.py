@@ -450,10 +450,11 @@ def test_a_resumed_run_keeps_the_context_prefixes_it_started_with(tmp_path, tiny
     path, state = interrupted(p, 2, interrupt_at, monkeypatch)
     drawn = state["editor"]["templates"]
     assert drawn[0] == "{}" and len(drawn) == 3
-    state["editor"]["templates"] = ["{}", "Elsewhere. {}"]  # as if drawn by another device's stream
+    other = ["{}", "Elsewhere. {}", "Meanwhile, far away. {}"]  # as if drawn by another device's stream
+    state["editor"]["templates"] = other
     save_state(path, state)
     ds = run_sequential(p, progress=False)
-    assert json.loads(ds.attrs["context_templates"]) == ["{}", "Elsewhere. {}"]
+    assert json.loads(ds.attrs["context_templates"]) == other
     with pytest.raises(ValueError, match="keeps no state|got keys"):
         experiment.make_editor(editor, experiment.load_model(tiny_dir), **hp).load_state_dict(
             {"templates": drawn, "other": 1})
