@@ -28,7 +28,6 @@ import torch
 
 import easyeditor_ref as ref
 from repro.editors import make_editor
-from repro.editors.stats import second_moment
 
 REQUESTS = [
     ("{} is located in the city of", "The Eiffel Tower", "Rome"),

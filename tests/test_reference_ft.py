@@ -53,7 +53,6 @@ import types
 from contextlib import contextmanager
 
 import pytest
-import torch
 
 import easyeditor_ref as ref
 from repro.editors import make_editor

@@ -11,8 +11,8 @@ All four share one procedure and differ only in the closed-form update of each l
    optimised jointly, one forward/backward pass per step (``batch_values``); each request's z is
    the one it would get alone, up to float rounding.
 2. For each edited layer l in order: the keys K (matrix input at the subject's last token,
-   averaged within each kind of template, then over the kinds) under the current weights, the current output h_L on the plain
-   prompts, the residual R = (z − h_L) / (number of layers left), and ΔW_l from (R, K) and the
+   averaged within each kind of template, then over the kinds) under the current weights, the
+   current output h_L on the plain prompts, the residual R = (z − h_L) / (number of layers left), and ΔW_l from (R, K) and the
    layer's statistics; ΔW_l is applied before the next layer's keys are read.
 
    Where the family normalises the MLP's output before adding it to the residual stream (Gemma 2
@@ -24,9 +24,9 @@ All four share one procedure and differ only in the closed-form update of each l
 
 State carried between sequential calls lives on the editor object and is saved with
 :meth:`state_dict`. AlphaEdit, ENCORE, and MEMIT and EMMET with ``prev_keys``, need earlier edits'
-keys K_p only through their Gram matrix K_p K_pᵀ, so that is what they keep: a running float64 sum over calls (``prev_gram``), of
-constant size (d_in² per edited matrix) however many edits came before, saved as its upper
-triangle. It equals the product of all kept keys up to float64 summation order. States written
+keys K_p only through their Gram matrix K_p K_pᵀ, so that is what they keep: a running float64
+sum over calls (``prev_gram``), of constant size (d_in² per edited matrix) however many edits
+came before, saved as its upper triangle. It equals the product of all kept keys up to float64 summation order. States written
 when the keys themselves were kept (``prev_keys``) load into it.
 """
 from __future__ import annotations
